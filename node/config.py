@@ -1,0 +1,164 @@
+"""The node's one settings model: a TOML file, overridden by ``SEGNODE_*`` environment variables.
+
+Nested keys use ``__`` in the environment: ``SEGNODE_DICOM__PORT=11112`` sets ``[dicom] port``.
+Secrets are :class:`pydantic.SecretStr`, masked wherever the settings are shown.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_CONFIG = Path("configs/node.toml")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NodeSection(_Section):
+    name: str = "segnode"
+    #: Where the spool, job database, outbox and artifacts live.
+    data_dir: Path = Path("var")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    #: Patient names and IDs appear in logs only when this is true.
+    log_phi: bool = False
+
+
+class DicomSection(_Section):
+    ae_title: str = Field(default="SEGNODE", min_length=1, max_length=16, pattern=r"^[ -~]*[!-~][ -~]*$")
+    host: str = "0.0.0.0"
+    port: int = Field(default=11112, ge=1, le=65535)
+    #: Empty list = any calling AE title is accepted.
+    allowed_calling_aets: list[str] = []
+    #: Empty list = any source address is accepted.
+    allowed_sources: list[str] = []
+    max_associations: int = Field(default=10, ge=1)
+    max_pdu: int = Field(default=0, ge=0)  # 0 = unlimited, fastest for large series
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+
+class HttpSection(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+    max_upload_mb: int = Field(default=2048, ge=1)
+    #: API tokens by user name; empty = no authentication (loopback use only).
+    tokens: dict[str, SecretStr] = {}
+
+
+class VolumeSection(_Section):
+    #: Allowed deviation of a slice step from the median step, as a fraction of it.
+    spacing_tolerance: float = Field(default=0.01, ge=0, le=0.5)
+
+
+class QueueSection(_Section):
+    backend: Literal["sqlite", "redis"] = "sqlite"
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    workers: int = Field(default=1, ge=1)
+
+
+class SegmentationSection(_Section):
+    engine: Literal["totalsegmentator", "threshold", "labelmap"] = "threshold"
+    task: str = "total"
+    device: str = Field(default="cpu", pattern=r"^(cpu|gpu|gpu:\d+|mps)$")
+    threads: int = Field(default=2, ge=1)
+    fast: bool = False
+    #: TotalSegmentator's home (weights and its config.json); default: <data_dir>/totalsegmentator.
+    weights_dir: Path | None = None
+
+
+class Destination(_Section):
+    name: str
+    kind: Literal["stowrs", "cstore", "folder"]
+    url: str = ""
+    ae_title: str = ""
+    host: str = ""
+    port: int = Field(default=104, ge=1, le=65535)
+    path: Path | None = None
+    username: str = ""
+    password: SecretStr = SecretStr("")
+    token: SecretStr = SecretStr("")
+    verify_tls: bool = True
+
+
+class Settings(BaseSettings):
+    """Everything the node reads at start. See ``configs/node.toml`` for a commented example."""
+
+    model_config = SettingsConfigDict(env_prefix="SEGNODE_", env_nested_delimiter="__", extra="forbid")
+
+    node: NodeSection = NodeSection()
+    dicom: DicomSection = DicomSection()
+    http: HttpSection = HttpSection()
+    volume: VolumeSection = VolumeSection()
+    queue: QueueSection = QueueSection()
+    segmentation: SegmentationSection = SegmentationSection()
+    destinations: list[Destination] = []
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment wins over the file contents, which arrive as init arguments.
+        return env_settings, init_settings
+
+
+class ConfigError(Exception):
+    """An unreadable or invalid configuration, as one line for people."""
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"unknown key {key!r}"
+    value = error.get("input")
+    shown = "********" if any(s in key for s in ("password", "token", "redis_url")) else repr(value)
+    return f"{key} = {shown}: {error['msg']}"
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Settings from ``path`` (default ``configs/node.toml`` if it exists) and the environment."""
+    explicit = path is not None
+    path = Path(path) if explicit else DEFAULT_CONFIG
+    data: dict[str, Any] = {}
+    if path.exists():
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    elif explicit:
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        problems = [_describe(e) for e in exc.errors()]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ConfigError(f"{path}: {problems[0]}{more}") from None
+
+
+def masked_dict(settings: Settings) -> dict[str, Any]:
+    """The settings as plain data with every secret shown as ``********`` (or empty)."""
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, SecretStr):
+            return "********" if value.get_secret_value() else ""
+        if isinstance(value, BaseModel):
+            return {k: walk(getattr(value, k)) for k in type(value).model_fields}
+        if isinstance(value, dict):
+            return {k: walk(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        if isinstance(value, Path):
+            return str(value)
+        return value
+
+    return walk(settings)

@@ -1,0 +1,422 @@
+"""Build a :class:`~node.volume.Volume` from DICOM files: a folder, a zip, or one file.
+
+Handles single-frame CT/MR and enhanced multi-frame objects (per-frame functional groups,
+PS3.3 C.7.6.16), every transfer syntax that pydicom can decode with the installed plugins
+(JPEG baseline/lossless, JPEG-LS, JPEG 2000, RLE), and rescale to HU (PS3.3 C.11.1.1.2).
+
+Slices are ordered along the slice normal (row x column direction cosines), never by
+InstanceNumber or file name. Anything that cannot be one regular volume is refused with a
+:class:`VolumeError` carrying a short code and one sentence for people.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from node.volume import Geometry, SeriesIdentity, Volume
+
+#: SOP classes that carry pixels but are not images of the patient (SEG, RT, presentation).
+NON_IMAGE_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.66.4": "Segmentation",
+    "1.2.840.10008.5.1.4.1.1.66.7": "Label Map Segmentation",
+    "1.2.840.10008.5.1.4.1.1.481.3": "RT Structure Set",
+    "1.2.840.10008.5.1.4.1.1.11.1": "Grayscale Softcopy Presentation State",
+    "1.2.840.10008.5.1.4.1.1.104.1": "Encapsulated PDF",
+}
+
+#: Two direction cosines closer than this are "the same orientation".
+ORIENTATION_TOLERANCE = 1e-4
+#: Total in-plane drift of slice positions (mm) above which the stack is sheared (gantry tilt).
+TILT_TOLERANCE_MM = 0.05
+
+
+class VolumeError(ValueError):
+    """The files cannot form one regular volume. ``code`` is stable for programs."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass
+class _Frame:
+    """One 2-D image plane: a single-frame instance or one frame of a multi-frame one."""
+
+    source: str
+    sop_instance_uid: str
+    frame_number: int  # 1-based for multi-frame, 0 for single-frame
+    position: np.ndarray
+    orientation: np.ndarray  # 6 direction cosines
+    pixel_spacing: tuple[float, float]  # row spacing, column spacing
+    size: tuple[int, int]  # rows, columns
+    slope: float
+    intercept: float
+    pixels: Callable[[], np.ndarray]
+
+
+@dataclass(frozen=True)
+class SeriesSummary:
+    """What a folder holds, per series, before any volume is built."""
+
+    series_uid: str
+    modality: str
+    sop_class: str
+    description: str
+    instances: int
+    frames: int
+
+
+# --- reading files -----------------------------------------------------------------------
+
+
+def _sources(path: Path) -> list[tuple[str, Callable[[], object]]]:
+    """(name, opener) for every file under ``path``; zip archives are read into memory."""
+    path = Path(path)
+    if not path.exists():
+        raise VolumeError("not_found", f"{path} does not exist")
+    if path.is_file() and zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            members = [(info.filename, archive.read(info)) for info in archive.infolist() if not info.is_dir()]
+        return [(f"{path.name}:{name}", lambda data=data: io.BytesIO(data)) for name, data in members]
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return [(str(file), lambda file=file: file) for file in files]
+
+
+def _read_dataset(name: str, opener: Callable[[], object]) -> Dataset | None:
+    """The dataset, or None when the bytes are not DICOM at all.
+
+    A file that says it is DICOM (preamble + ``DICM``) but cannot be parsed is refused: it is
+    part of the series, truncated or damaged, and silently skipping it would leave a hole.
+    """
+    try:
+        return pydicom.dcmread(opener())
+    except InvalidDicomError:
+        pass  # no preamble: may still be a raw (ACR-NEMA style) dataset
+    except Exception as exc:
+        raise VolumeError("corrupt", f"{name}: DICOM file cannot be parsed (truncated or damaged): {exc}") from None
+    try:
+        ds = pydicom.dcmread(opener(), force=True)
+        return ds if "SOPClassUID" in ds else None
+    except Exception:
+        return None
+
+
+def read_datasets(
+    path: Path, progress: Callable[[int, int], None] | None = None
+) -> tuple[list[tuple[str, Dataset]], list[str]]:
+    """All DICOM datasets under ``path`` and the names of files that are not DICOM.
+
+    ``progress(done, total)`` is called as each file is read, for progress bars.
+    """
+    datasets, not_dicom = [], []
+    sources = _sources(path)
+    for done, (name, opener) in enumerate(sources, 1):
+        if progress:
+            progress(done, len(sources))
+        if Path(name).name.upper() == "DICOMDIR":
+            continue
+        ds = _read_dataset(name, opener)
+        if ds is None:
+            not_dicom.append(name)
+        else:
+            datasets.append((name, ds))
+    return datasets, not_dicom
+
+
+def _is_image(ds: Dataset) -> bool:
+    return "PixelData" in ds and str(ds.get("SOPClassUID", "")) not in NON_IMAGE_SOP_CLASSES
+
+
+def summarize(datasets: list[tuple[str, Dataset]]) -> list[SeriesSummary]:
+    """One summary per SeriesInstanceUID, largest series first."""
+    groups: dict[str, list[Dataset]] = defaultdict(list)
+    for _, ds in datasets:
+        groups[str(ds.get("SeriesInstanceUID", ""))].append(ds)
+    summaries = [
+        SeriesSummary(
+            series_uid=uid,
+            modality=str(members[0].get("Modality", "")),
+            sop_class=str(getattr(members[0].get("SOPClassUID"), "name", members[0].get("SOPClassUID", ""))),
+            description=str(members[0].get("SeriesDescription", "")),
+            instances=len(members),
+            frames=sum(int(ds.get("NumberOfFrames", 1) or 1) for ds in members),
+        )
+        for uid, members in groups.items()
+    ]
+    return sorted(summaries, key=lambda s: -s.frames)
+
+
+# --- frames ------------------------------------------------------------------------------
+
+
+def _find(ds: Dataset, frame_groups: list[Dataset], sequence: str, keyword: str) -> object:
+    """An attribute from a functional group macro (per-frame first, then shared), else top level."""
+    for groups in frame_groups:
+        if sequence in groups and len(groups[sequence].value) and keyword in groups[sequence][0]:
+            return groups[sequence][0][keyword].value
+    return ds.get(keyword)
+
+
+def _floats(value: object, n: int, what: str, source: str) -> np.ndarray:
+    try:
+        out = np.array([float(v) for v in value], dtype=float)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        out = np.array([])
+    if out.shape != (n,) or not np.all(np.isfinite(out)):
+        raise VolumeError("no_geometry", f"{source}: {what} is missing or malformed ({value!r})")
+    return out
+
+
+def _frames(name: str, ds: Dataset) -> list[_Frame]:
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise VolumeError(
+            "unsupported", f"{name}: colour images ({ds.get('PhotometricInterpretation')}) are not CT/MR volumes"
+        )
+    count = int(ds.get("NumberOfFrames", 1) or 1)
+    shared = list(ds.get("SharedFunctionalGroupsSequence", []))[:1]
+    per_frame = list(ds.get("PerFrameFunctionalGroupsSequence", []))
+    if count > 1 and len(per_frame) != count:
+        raise VolumeError(
+            "no_geometry", f"{name}: {count} frames but {len(per_frame)} per-frame functional groups"
+        )
+    decoded: dict[str, np.ndarray] = {}
+
+    def pixels(index: int) -> np.ndarray:
+        if "all" not in decoded:
+            try:
+                decoded["all"] = ds.pixel_array
+            except Exception as exc:  # decoder missing, truncated or corrupt data
+                ts = getattr(ds.file_meta, "TransferSyntaxUID", None)
+                ts_name = getattr(ts, "name", ts)
+                raise VolumeError(
+                    "pixel_data", f"{name}: pixel data cannot be decoded ({ts_name}): {exc}"
+                ) from None
+        arr = decoded["all"]
+        return arr[index] if count > 1 else arr
+
+    frames = []
+    for index in range(count):
+        groups = ([per_frame[index]] if per_frame else []) + shared
+        spacing = _floats(_find(ds, groups, "PixelMeasuresSequence", "PixelSpacing"), 2, "PixelSpacing", name)
+        slope = _find(ds, groups, "PixelValueTransformationSequence", "RescaleSlope")
+        intercept = _find(ds, groups, "PixelValueTransformationSequence", "RescaleIntercept")
+        frames.append(
+            _Frame(
+                source=name,
+                sop_instance_uid=str(ds.SOPInstanceUID),
+                frame_number=index + 1 if count > 1 else 0,
+                position=_floats(
+                    _find(ds, groups, "PlanePositionSequence", "ImagePositionPatient"), 3, "ImagePositionPatient", name
+                ),
+                orientation=_floats(
+                    _find(ds, groups, "PlaneOrientationSequence", "ImageOrientationPatient"),
+                    6,
+                    "ImageOrientationPatient",
+                    name,
+                ),
+                pixel_spacing=(float(spacing[0]), float(spacing[1])),
+                size=(int(ds.Rows), int(ds.Columns)),
+                slope=float(slope) if slope not in (None, "") else 1.0,
+                intercept=float(intercept) if intercept not in (None, "") else 0.0,
+                pixels=lambda index=index: pixels(index),
+            )
+        )
+    return frames
+
+
+# --- assembling --------------------------------------------------------------------------
+
+
+def _check_plane(frames: list[_Frame]) -> tuple[np.ndarray, np.ndarray]:
+    sizes = Counter(f.size for f in frames)
+    if len(sizes) > 1:
+        listed = ", ".join(f"{c}x{r} ({n} slices)" for (r, c), n in sizes.most_common())
+        raise VolumeError("size_mismatch", f"slices differ in size (columns x rows): {listed}")
+    reference = frames[0].orientation
+    for f in frames:
+        if np.max(np.abs(f.orientation - reference)) > ORIENTATION_TOLERANCE:
+            raise VolumeError(
+                "orientation_mismatch",
+                f"slices have different orientations: {f.source} has {f.orientation.round(4).tolist()}, "
+                f"{frames[0].source} has {reference.round(4).tolist()}",
+            )
+    row, col = reference[:3], reference[3:]
+    if abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3 or abs(row @ col) > 1e-3:
+        raise VolumeError(
+            "non_orthogonal",
+            f"ImageOrientationPatient {reference.round(5).tolist()} is not two orthogonal unit vectors",
+        )
+    row = row / np.linalg.norm(row)
+    col = col - (col @ row) * row
+    return row, col / np.linalg.norm(col)
+
+
+def _sorted_along_normal(frames: list[_Frame], normal: np.ndarray) -> tuple[list[_Frame], np.ndarray]:
+    order = sorted(range(len(frames)), key=lambda n: float(frames[n].position @ normal))
+    frames = [frames[n] for n in order]
+    # The same instance received twice is harmless; two different images at one place are not.
+    unique = [frames[0]]
+    for f in frames[1:]:
+        previous = unique[-1]
+        if abs((f.position - previous.position) @ normal) < 1e-3:
+            if (f.sop_instance_uid, f.frame_number) == (previous.sop_instance_uid, previous.frame_number):
+                continue
+            raise VolumeError(
+                "duplicate_position",
+                f"two different images lie at the same position ({f.source} and {previous.source}, "
+                f"{float(f.position @ normal):.3f} mm along the normal): several acquisitions, echoes or "
+                "phases are mixed in one series",
+            )
+        unique.append(f)
+    return unique, np.array([f.position @ normal for f in unique])
+
+
+def _check_spacing(frames: list[_Frame], along: np.ndarray, tolerance: float) -> float:
+    steps = np.diff(along)
+    step = float(np.median(steps))
+    limit = 0.005 + tolerance * step
+    for n, s in enumerate(steps):
+        if abs(s - step) <= limit:
+            continue
+        ratio = s / step
+        if ratio > 1.5 and abs(ratio - round(ratio)) * step <= limit:
+            raise VolumeError(
+                "missing_slices",
+                f"gap in slice positions: {s:.3f} mm between {along[n]:.3f} and {along[n + 1]:.3f} mm "
+                f"along the normal where the spacing is {step:.3f} mm ({round(ratio) - 1} slice(s) missing)",
+            )
+        raise VolumeError(
+            "uneven_spacing",
+            f"slice spacing is not uniform: steps from {steps.min():.3f} to {steps.max():.3f} mm "
+            f"(median {step:.3f} mm, tolerance {limit:.3f} mm)",
+        )
+    spacings = Counter(f.pixel_spacing for f in frames)
+    first = frames[0].pixel_spacing
+    if any(abs(a - b) > 1e-4 * max(first) for s in spacings for a, b in zip(s, first)):
+        raise VolumeError("spacing_mismatch", f"slices have different PixelSpacing: {sorted(spacings)}")
+    return float((along[-1] - along[0]) / (len(along) - 1))
+
+
+def _check_tilt(frames: list[_Frame], normal: np.ndarray, gantry_tilt: object) -> None:
+    drift = frames[-1].position - frames[0].position
+    in_plane = drift - (drift @ normal) * normal
+    if np.linalg.norm(in_plane) > TILT_TOLERANCE_MM:
+        angle = np.degrees(np.arctan2(np.linalg.norm(in_plane), abs(drift @ normal)))
+        tilt = f" (GantryDetectorTilt {gantry_tilt})" if gantry_tilt not in (None, "", 0, 0.0) else ""
+        raise VolumeError(
+            "gantry_tilt",
+            f"slices are sheared: positions drift {np.linalg.norm(in_plane):.2f} mm in-plane over the stack, "
+            f"{angle:.2f} degrees off the slice normal{tilt}; a tilted or non-orthogonal stack is not a "
+            "regular grid",
+        )
+
+
+def _stack_pixels(frames: list[_Frame]) -> np.ndarray:
+    raw = np.stack([f.pixels() for f in frames])
+    slopes = np.array([f.slope for f in frames])
+    intercepts = np.array([f.intercept for f in frames])
+    if np.all(slopes == 1) and np.all(intercepts == np.round(intercepts)):
+        values = raw.astype(np.int32) + intercepts.astype(np.int32)[:, None, None]
+        if values.min() >= np.iinfo(np.int16).min and values.max() <= np.iinfo(np.int16).max:
+            return values.astype(np.int16)
+        return values
+    return (raw.astype(np.float32) * slopes[:, None, None] + intercepts[:, None, None]).astype(np.float32)
+
+
+def volume_from_datasets(
+    datasets: list[tuple[str, Dataset]],
+    *,
+    min_slices: int = 2,
+    spacing_tolerance: float = 0.01,
+) -> Volume:
+    """One volume from the datasets of a single series (see :func:`read_series`)."""
+    frames = [frame for name, ds in datasets for frame in _frames(name, ds)]
+    if len(frames) < min_slices:
+        raise VolumeError(
+            "single_slice", f"only {len(frames)} slice(s); a volume needs at least {min_slices}"
+        )
+    row, col = _check_plane(frames)
+    normal = np.cross(row, col)
+    frames, along = _sorted_along_normal(frames, normal)
+    if len(frames) < min_slices:
+        raise VolumeError("single_slice", f"only {len(frames)} distinct slice(s); a volume needs {min_slices}")
+    first = datasets[0][1]
+    if len(frames) > 1:
+        _check_tilt(frames, normal, first.get("GantryDetectorTilt"))
+        slice_step = _check_spacing(frames, along, spacing_tolerance)
+    else:
+        slice_step = float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0)
+    row_spacing, column_spacing = frames[0].pixel_spacing
+    geometry = Geometry(
+        origin=tuple(float(v) for v in frames[0].position),
+        spacing=(column_spacing, row_spacing, slice_step),
+        direction=tuple(tuple(float(v) for v in r) for r in np.column_stack([row, col, normal])),
+    )
+    source = SeriesIdentity(
+        study_uid=str(first.get("StudyInstanceUID", "")),
+        series_uid=str(first.get("SeriesInstanceUID", "")),
+        frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "")),
+        modality=str(first.get("Modality", "")),
+        sop_class_uid=str(first.get("SOPClassUID", "")),
+        instance_uids=tuple(f.sop_instance_uid for f in frames),
+        frame_numbers=tuple(f.frame_number for f in frames) if frames[0].frame_number else (),
+        series_description=str(first.get("SeriesDescription", "")),
+        series_number=int(first.SeriesNumber) if first.get("SeriesNumber") not in (None, "") else None,
+    )
+    syntaxes = sorted({str(getattr(ds.file_meta.get("TransferSyntaxUID"), "name", "?")) for _, ds in datasets})
+    return Volume(
+        array=_stack_pixels(frames),
+        geometry=geometry,
+        source=source,
+        notes=[f"transfer syntax: {', '.join(syntaxes)}"],
+    )
+
+
+def read_series(
+    path: Path,
+    series_uid: str | None = None,
+    *,
+    min_slices: int = 2,
+    spacing_tolerance: float = 0.01,
+    progress: Callable[[int, int], None] | None = None,
+) -> Volume:
+    """Read the image series under ``path`` (folder, zip or file) as a Volume.
+
+    ``series_uid`` chooses one series when several are present; without it a mix is refused.
+    ``spacing_tolerance`` is the allowed deviation of each slice step from the median step,
+    as a fraction of it (plus 0.005 mm for rounding in written positions).
+    """
+    datasets, not_dicom = read_datasets(path, progress)
+    if not datasets:
+        example = f" (e.g. {not_dicom[0]})" if not_dicom else ""
+        raise VolumeError("not_dicom", f"no DICOM files in {path}: {len(not_dicom)} file(s), none DICOM{example}")
+    images = [(n, ds) for n, ds in datasets if _is_image(ds)]
+    if not images:
+        kinds = Counter(NON_IMAGE_SOP_CLASSES.get(str(ds.get("SOPClassUID")), "no pixel data") for _, ds in datasets)
+        raise VolumeError("no_images", f"no images in {path}, only: {dict(kinds)}")
+    series = summarize(images)
+    if series_uid is not None:
+        images = [(n, ds) for n, ds in images if str(ds.get("SeriesInstanceUID", "")) == series_uid]
+        if not images:
+            raise VolumeError("series_not_found", f"series {series_uid} is not in {path}")
+    elif len(series) > 1:
+        listed = "; ".join(f"{s.series_uid} ({s.modality}, {s.frames} slices)" for s in series)
+        raise VolumeError("mixed_series", f"{len(series)} series are mixed in {path}: {listed}; choose one")
+    volume = volume_from_datasets(images, min_slices=min_slices, spacing_tolerance=spacing_tolerance)
+    if not_dicom:
+        volume.notes.append(f"skipped {len(not_dicom)} non-DICOM file(s)")
+    return volume

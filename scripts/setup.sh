@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Idempotent setup: Debian packages the node and its tests use, then the .venv.
+# A second run only checks (dpkg-query, a stamp newer than pyproject.toml) and takes seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Real servers and tools: Orthanc with its Python and DICOMweb plugins, dcmtk (storescu/storescp),
+# dicom3tools (dciodvfy), Redis, dcm2niix (independent geometry check in the tests).
+DEBS=(orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools redis-server dcm2niix)
+PYTHON=${PYTHON:-python3.11}
+
+missing=()
+for pkg in "${DEBS[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+done
+if ! command -v "$PYTHON" >/dev/null; then missing+=(python3.11 python3.11-venv); fi
+if command -v "$PYTHON" >/dev/null && ! "$PYTHON" -c "import ensurepip, venv" 2>/dev/null; then
+  missing+=(python3.11-venv)
+fi
+if ((${#missing[@]})); then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  # Debian starts packaged services on install; the node and its tests start their own on loopback.
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+stamp=.venv/.segnode-installed
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  "$PYTHON" -m venv .venv
+fi
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  # torch first, pinned: the CPU wheel on these machines; any other spec pulls GBs of CUDA packages.
+  .venv/bin/pip install -q torch==2.13.0
+  .venv/bin/pip install -q -e ".[test]"
+  touch "$stamp"
+fi
+echo "setup: ok"
