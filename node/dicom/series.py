@@ -137,8 +137,18 @@ def read_datasets(
     return datasets, not_dicom
 
 
-def _is_image(ds: Dataset) -> bool:
-    return "PixelData" in ds and str(ds.get("SOPClassUID", "")) not in NON_IMAGE_SOP_CLASSES
+def _is_image(name: str, ds: Dataset) -> bool:
+    """True for image instances; an image SOP class without pixels is a damaged file."""
+    sop_class = ds.get("SOPClassUID")
+    if str(sop_class) in NON_IMAGE_SOP_CLASSES:
+        return False
+    if "PixelData" in ds:
+        return True
+    if "Image Storage" in str(getattr(sop_class, "name", "")):
+        raise VolumeError(
+            "corrupt", f"{name}: {sop_class.name} instance has no pixel data (truncated or damaged file)"
+        )
+    return False
 
 
 def summarize(datasets: list[tuple[str, Dataset]]) -> list[SeriesSummary]:
@@ -404,7 +414,7 @@ def read_series(
     if not datasets:
         example = f" (e.g. {not_dicom[0]})" if not_dicom else ""
         raise VolumeError("not_dicom", f"no DICOM files in {path}: {len(not_dicom)} file(s), none DICOM{example}")
-    images = [(n, ds) for n, ds in datasets if _is_image(ds)]
+    images = [(n, ds) for n, ds in datasets if _is_image(n, ds)]
     if not images:
         kinds = Counter(NON_IMAGE_SOP_CLASSES.get(str(ds.get("SOPClassUID")), "no pixel data") for _, ds in datasets)
         raise VolumeError("no_images", f"no images in {path}, only: {dict(kinds)}")
