@@ -1,0 +1,65 @@
+"""The segnode command as users run it: help, config, volume-info, convert, and its exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from node.dicom.writer import SeriesInfo, write_series
+from tests.unit.test_series import ramp_volume
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def segnode(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "node", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_help_lists_every_command() -> None:
+    result = segnode("--help")
+    assert result.returncode == 0
+    for command in ("config", "phantom", "volume-info", "convert"):
+        assert command in result.stdout
+
+
+def test_config_show_masks_and_config_errors_exit_2(tmp_path: Path) -> None:
+    shown = segnode("config", "show")
+    assert shown.returncode == 0
+    assert 'ae_title = "SEGNODE"' in shown.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[dicom]\nport = 'abc'\n")
+    result = segnode("--config", str(bad), "config", "show")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"config error: {bad}: dicom.port = 'abc': Input should be a valid integer, "
+        "unable to parse string as an integer"
+    )
+
+
+def test_volume_info_and_convert(tmp_path: Path) -> None:
+    write_series(ramp_volume(), tmp_path / "s", SeriesInfo(uid_seed="cli"))
+    info = segnode("volume-info", str(tmp_path / "s"), "--json")
+    assert info.returncode == 0, info.stderr
+    data = json.loads(info.stdout)
+    assert data["shape_ijk"] == [24, 20, 6]
+    assert data["spacing"] == [0.9, 0.8, 2.5]
+    assert data["modality"] == "CT"
+    converted = segnode("convert", str(tmp_path / "s"), str(tmp_path / "ct.nii.gz"))
+    assert converted.returncode == 0, converted.stderr
+    image = nib.load(tmp_path / "ct.nii.gz")
+    assert image.shape == (24, 20, 6)
+    np.testing.assert_array_equal(np.asarray(image.dataobj).transpose(2, 1, 0), ramp_volume().array)
+
+
+def test_refusal_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    write_series(ramp_volume(), tmp_path / "s", SeriesInfo(uid_seed="cli"))
+    (tmp_path / "s" / "IM00003.dcm").unlink()
+    result = segnode("volume-info", str(tmp_path / "s"))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "gap in slice positions" in result.stderr and "[missing_slices]" in result.stderr
