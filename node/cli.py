@@ -185,6 +185,355 @@ def convert(
     out.print(f"wrote {output} ({'x'.join(map(str, volume.shape_ijk))}, {volume.array.dtype})")
 
 
+rules_app = typer.Typer(help="Check routing rules against series.", no_args_is_help=True)
+app.add_typer(rules_app, name="rules")
+
+
+@rules_app.command("test")
+def rules_test(
+    path: Annotated[Path, typer.Argument(help="A folder holding one series, or one DICOM file.")],
+    rules_file: Annotated[
+        Optional[Path], typer.Option("--rules", help="Rules file (default: [node] rules of the config).")
+    ] = None,
+    calling_aet: Annotated[str, typer.Option(help="Pretend the series came from this calling AE.")] = "",
+    via: Annotated[str, typer.Option(help="Pretend it arrived via dimse|stow|orthanc|file.")] = "file",
+    address: Annotated[str, typer.Option(help="Pretend it came from this address.")] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show which rule a series matches and why: every condition with pass or fail."""
+    from dataclasses import asdict
+
+    from node.ingest import Sender
+    from node.rules import RulesError, explain, load_rules, read_facts, route
+
+    if via not in ("dimse", "stow", "orthanc", "file"):
+        raise fail(f"--via must be dimse, stow, orthanc or file, got {via!r}", 2)
+    if not path.exists():
+        raise fail(f"{path}: no such file or folder", 2)
+    config = settings()
+    source = rules_file or config.node.rules
+    if rules_file is not None and not rules_file.exists():
+        raise fail(f"{rules_file}: no such rules file", 2)
+    try:
+        rules = load_rules(source, [d.name for d in config.destinations])
+    except RulesError as exc:
+        raise fail(str(exc), 2) from None
+    facts = read_facts(path, Sender(via, calling_aet, address))  # type: ignore[arg-type]
+    explained = explain(route(facts, rules), facts)
+    if as_json:
+        typer.echo(json.dumps(asdict(explained), indent=2))
+        return
+    typer.echo(f"rules: {source if source.exists() else 'built-in default (no ' + str(source) + ')'}")
+    typer.echo("series: " + ", ".join(f"{k}={v}" for k, v in explained.facts.items() if v is not None))
+    for rule in explained.rules:
+        verdict = "no match"
+        if rule["matched"]:
+            verdict = "MATCH" if rule["name"] == explained.matched else "match, not used (an earlier rule won)"
+        typer.echo(f"rule {rule['name']}: {verdict}")
+        for check in rule["checks"]:
+            typer.echo(f"  {'pass' if check['passed'] else 'FAIL'}  {check['condition']}: {check['detail']}")
+    typer.echo(f"result: {explained.reason}")
+
+
+@app.command("send")
+def send_command(
+    path: Annotated[Path, typer.Argument(help="A folder, zip or file of DICOM.")],
+    to: Annotated[str, typer.Option("--to", help="The receiving C-STORE SCP as HOST:PORT.")],
+    aet: Annotated[str, typer.Option("--aet", help="Called AE title (the receiver's).")] = "ANY-SCP",
+    calling_aet: Annotated[str, typer.Option("--calling-aet", help="Our AE title.")] = "SEGNODE",
+) -> None:
+    """Send DICOM files to a C-STORE SCP (this node, a PACS, Orthanc) and print the status counts."""
+    from pynetdicom import _config as pynetdicom_config
+    from pynetdicom.status import code_to_category
+
+    from node.ingest.send import send
+
+    host, _, port = to.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise fail(f"--to must be HOST:PORT, got {to!r}", 2)
+    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True  # send each file's bytes as they are
+    try:
+        with progress_bar(f"Sending to {to}") as update:
+            report = send(path, host, int(port), called_aet=aet, calling_aet=calling_aet, progress=update)
+    except FileNotFoundError as exc:
+        raise fail(str(exc), 2) from None
+    for status, count in sorted(report.statuses.items()):
+        out.print(f"0x{status:04X} {code_to_category(status).lower():<8} {count}", highlight=False)
+    if report.not_accepted:
+        out.print(f"not accepted by the receiver (SOP class/transfer syntax): {len(report.not_accepted)}")
+    if report.not_dicom:
+        out.print(f"skipped, not DICOM: {len(report.not_dicom)}")
+    if report.error:
+        raise fail(f"{to}: {report.error}")
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command("listen")
+def listen_command(
+    port: Annotated[Optional[int], typer.Option(help="Port (default: [dicom] port; 0 = any free one).")] = None,
+    aet: Annotated[Optional[str], typer.Option("--aet", help="Our AE title (default: [dicom] ae_title).")] = None,
+) -> None:
+    """Run the DICOM listener in the foreground: store into the spool, print each series that is ready."""
+    import logging
+    import signal
+    import threading
+
+    from node.ingest.scp import serve_forever, start_listener
+
+    config = settings()
+    if aet:
+        config.dicom.ae_title = aet
+    logging.basicConfig(level=config.node.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def ready(event) -> None:
+        fields = ("series_uid", "reason", "instance_count", "generation", "modality", "is_image")
+        typer.echo(json.dumps({"ready": {k: getattr(event, k) for k in fields}, "folder": str(event.folder)}))
+
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        listener = start_listener(config, ready, port=port)
+    except (OSError, ValueError) as exc:
+        raise fail(f"cannot listen: {exc}") from None
+    typer.echo(f"listening as {config.dicom.ae_title} on {config.dicom.host}:{listener.port}", err=True)
+    serve_forever(listener, stop)
+
+
+@app.command("run")
+def run(
+    input: Annotated[Path, typer.Argument(help="A DICOM folder, zip or file, or a NIfTI file.")],
+    outdir: Annotated[Path, typer.Argument(help="Folder for labels.nii.gz, classes.json, stats.csv, report.json.")],
+    engine: Annotated[
+        Optional[str], typer.Option(help="threshold | labelmap | totalsegmentator (default: config segmentation.engine).")
+    ] = None,
+    task: Annotated[Optional[str], typer.Option(help="TotalSegmentator task (default: config segmentation.task).")] = None,
+    fast: Annotated[bool, typer.Option("--fast", help="TotalSegmentator's 3 mm model.")] = False,
+    fastest: Annotated[bool, typer.Option("--fastest", help="TotalSegmentator's 6 mm model.")] = False,
+    roi_subset: Annotated[
+        Optional[list[str]],
+        typer.Option("--roi_subset", help="Keep only these classes: --roi_subset liver aorta (after INPUT OUTDIR)."),
+    ] = None,
+    robust_crop: Annotated[bool, typer.Option("--robust_crop", help="TotalSegmentator's robust ROI crop.")] = False,
+    device: Annotated[Optional[str], typer.Option(help="cpu | gpu | gpu:N | mps (default: config segmentation.device).")] = None,
+    labels: Annotated[
+        Optional[Path], typer.Option("--labels", help="labelmap engine: a label NIfTI or a folder of per-class masks.")
+    ] = None,
+    series: Annotated[Optional[str], typer.Option(help="SeriesInstanceUID to pick from a mix.")] = None,
+    post: Annotated[
+        Optional[list[str]], typer.Option("--post", help="Post-processing stage by name (repeatable).")
+    ] = None,
+    option: Annotated[
+        Optional[list[str]], typer.Option("--option", help="Engine option KEY=VALUE, e.g. vessel_hu=120 (repeatable).")
+    ] = None,
+) -> None:
+    """Segment a series: load, engine, post-processing; labels, classes, stats and report.json in OUTDIR."""
+    import re
+
+    from rich.progress import SpinnerColumn
+
+    from node.pipeline import ProgressEvent, request_from_settings, run_pipeline
+    from node.segment.registry import ENGINES
+
+    config = settings()
+    engine = (engine or config.segmentation.engine).lower()
+    if engine not in ENGINES:
+        raise fail(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}", 2)
+    if device is not None and not re.fullmatch(r"cpu|gpu|gpu:\d+|mps", device):
+        raise fail(f"--device must be cpu, gpu, gpu:N or mps, got {device!r}", 2)
+    if engine == "labelmap" and labels is None:
+        raise fail("--engine labelmap needs --labels: a label NIfTI or a folder of per-class masks", 2)
+    options: dict[str, object] = {}
+    for item in option or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise fail(f"--option takes KEY=VALUE, got {item!r}", 2)
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    request = request_from_settings(
+        config, engine=engine, task=task, fast=fast or None, fastest=fastest or None,
+        roi_subset=[n for value in roi_subset or [] for n in value.replace(",", " ").split()],
+        robust_crop=robust_crop or None, device=device, labels_path=labels, options=options,
+        post=post or (), series_uid=series,
+    )
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err, disable=not err.is_terminal,
+    ) as progress:
+        tasks: dict[str, object] = {}
+
+        def show(event: ProgressEvent) -> None:
+            if event.status == "started":
+                tasks[event.stage] = progress.add_task(event.stage, total=None)
+            elif event.status == "progress":
+                progress.update(tasks[event.stage], completed=event.done, total=event.total)  # type: ignore[arg-type]
+            else:
+                mark = {"done": "[green]done[/green]", "skipped": "[yellow]skipped[/yellow]"}.get(
+                    event.status, "[red]failed[/red]"
+                )
+                line = f"{event.stage}: {mark} ({event.seconds or 0:.2f} s)"
+                if event.message and event.status == "skipped":
+                    line += f": {escape(event.message)}"
+                progress.update(tasks[event.stage], description=line, completed=1, total=1)  # type: ignore[arg-type]
+                if progress.disable:  # not a terminal (logs, CI): one line per stage
+                    err.print(line, highlight=False, soft_wrap=True)
+
+        result = run_pipeline(input, outdir, request, progress=show)
+    if not result.ok:
+        assert result.error is not None
+        report = f" (report: {result.paths['report']})" if "report" in result.paths else ""
+        raise fail(f"{result.error.message} [{result.error.code}]{report}")
+    table = Table(title=f"{engine} on {input.name}", title_justify="left")
+    for column in ("id", "name", "voxels", "ml", "mean HU"):
+        table.add_column(column, justify="left" if column == "name" else "right")
+    for s in result.report["structures"]:
+        table.add_row(str(s["id"]), s["name"], str(s["voxels"]), f"{s['volume_ml']:.1f}", str(s["mean_hu"]))
+    out.print(table)
+    for note in result.report.get("notes", []):
+        out.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
+    total = result.report["timings_s"]["total"]
+    out.print(f"wrote {', '.join(p.name for p in result.paths.values())} in {outdir} ({total:.2f} s)", highlight=False,
+              soft_wrap=True)
+
+
+#: Options that take several values, as TotalSegmentator's do: ``--roi_subset liver aorta``.
+_MULTI_VALUE_OPTIONS = ("--roi_subset",)
+
+
+def _expand_multi_value(argv: list[str]) -> list[str]:
+    """``--roi_subset a b`` -> ``--roi_subset a --roi_subset b`` (click takes one value per use)."""
+    expanded: list[str] = []
+    option, taken = None, 0
+    for arg in argv:
+        if arg in _MULTI_VALUE_OPTIONS:
+            option, taken = arg, 0
+        elif option is not None and not arg.startswith("-"):
+            if taken:
+                expanded.append(option)
+            taken += 1
+        else:
+            option = None
+        expanded.append(arg)
+    return expanded
+
+
+weights_app = typer.Typer(help="TotalSegmentator weights: what is installed; offline import.", no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
+
+
+def _weights_home(weights_dir: Optional[Path]) -> Path:
+    from node.segment.weights import home_dir
+
+    return weights_dir if weights_dir is not None else home_dir(settings())
+
+
+@weights_app.command("status")
+def weights_status(
+    weights_dir: Annotated[
+        Optional[Path], typer.Option("--weights-dir", help="TotalSegmentator home (default: from the config).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """List TotalSegmentator's tasks and modes with the dataset folders each needs, and which are present."""
+    from dataclasses import asdict
+
+    from node.segment.weights import WeightsError, installed_datasets, package_version, results_dir, task_status
+
+    home = _weights_home(weights_dir)
+    try:
+        status = task_status(home)
+    except WeightsError as exc:
+        raise fail(f"{exc} [{exc.code}]") from None
+    if as_json:
+        data = {
+            "totalsegmentator_version": package_version(),
+            "weights_dir": str(home),
+            "installed": installed_datasets(home),
+            "tasks": [{**asdict(s), "ready_modes": s.ready_modes} for s in status],
+        }
+        typer.echo(json.dumps(data, indent=2))
+        return
+    table = Table(title=f"TotalSegmentator {package_version()} weights in {results_dir(home)}", title_justify="left")
+    for column in ("task", "mode", "modality", "licence", "datasets", "status"):
+        table.add_column(column)
+
+    def ids(folders) -> str:  # Dataset297_TotalSegmentator_total_3mm_1559subj -> 297
+        return " ".join(f.rsplit("/", 1)[-1].split("_")[0].removeprefix("Dataset").lstrip("0") or "0" for f in folders)
+
+    ready = 0
+    for s in status:
+        for m in s.modes:
+            ready += m.ready
+            state = "[green]ready[/green]" if m.ready else f"[red]missing {ids(m.missing)}[/red]"
+            table.add_row(s.task, m.mode, s.modality, "yes" if s.license_required else "", ids(m.datasets), state)
+    out.print(table)
+    modes = sum(len(s.modes) for s in status)
+    out.print(f"{ready} of {modes} task modes ready; import weights with `segnode weights import ZIP|DIR`",
+              highlight=False, soft_wrap=True)
+
+
+@weights_app.command("import")
+def weights_import(
+    source: Annotated[
+        Path, typer.Argument(help="A TotalSegmentator weights zip, a DatasetNNN_* folder, or a folder of them.")
+    ],
+    weights_dir: Annotated[
+        Optional[Path], typer.Option("--weights-dir", help="TotalSegmentator home (default: from the config).")
+    ] = None,
+) -> None:
+    """Install TotalSegmentator weights offline (idempotent: identical datasets are left as they are)."""
+    from node.segment.weights import WeightsError, import_weights, results_dir
+
+    home = _weights_home(weights_dir)
+    try:
+        with err.status(f"Importing {source.name}"):
+            imported = import_weights(source, home)
+    except WeightsError as exc:
+        raise fail(f"{exc} [{exc.code}]", 2 if exc.code in ("not_found", "no_datasets", "bad_zip") else 1) from None
+    for item in imported:
+        line = f"{item.action:>9}: {item.name}"
+        out.print(line + (f"  ({item.note})" if item.note else ""), highlight=False, soft_wrap=True)
+    out.print(f"weights in {results_dir(home)}", highlight=False, soft_wrap=True)
+
+
+def _start_logging(config: Settings) -> None:
+    import logging
+
+    logging.basicConfig(level=config.node.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@app.command("serve")
+def serve_command() -> None:
+    """Run the node: DICOM listener, HTTP API with STOW-RS, and job workers (until Ctrl-C/SIGTERM)."""
+    from node.rules import RulesError
+    from node.serve import ServeError, serve
+
+    config = settings()
+    _start_logging(config)
+    try:
+        serve(config)
+    except (ServeError, RulesError) as exc:
+        raise fail(str(exc), 2) from None
+    except OSError as exc:  # a port in use, an unwritable data folder
+        raise fail(f"cannot start: {exc}") from None
+
+
+@app.command("worker")
+def worker_command() -> None:
+    """Run extra job workers on the Redis queue (queue backend "redis"), e.g. on a GPU machine."""
+    from node.serve import ServeError, work
+
+    config = settings()
+    _start_logging(config)
+    try:
+        work(config)
+    except ServeError as exc:
+        raise fail(str(exc), 2) from None
+
+
 def _load_volume(path: Path, series: Optional[str]):
     from node.dicom.series import VolumeError, read_series
     from node.nifti import read_nifti
@@ -201,7 +550,9 @@ def _load_volume(path: Path, series: Optional[str]):
 
 
 def main() -> None:
-    app()
+    import sys
+
+    app(args=_expand_multi_value(sys.argv[1:]))
 
 
 if __name__ == "__main__":

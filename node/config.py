@@ -27,6 +27,8 @@ class NodeSection(_Section):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     #: Patient names and IDs appear in logs only when this is true.
     log_phi: bool = False
+    #: Routing rules (see configs/rules.toml); a missing file means the built-in default rule.
+    rules: Path = Path("configs/rules.toml")
 
 
 class DicomSection(_Section):
@@ -41,6 +43,17 @@ class DicomSection(_Section):
     max_pdu: int = Field(default=0, ge=0)  # 0 = unlimited, fastest for large series
     tls_cert: Path | None = None
     tls_key: Path | None = None
+
+
+class IngestSection(_Section):
+    #: A series with no new instance for this long is handed on, complete-looking or not.
+    quiet_seconds: float = Field(default=60.0, gt=0)
+    #: fsync each spooled file and its folder before acknowledging it (off only for tests/benchmarks).
+    fsync: bool = True
+    #: Refuse instances (C-STORE 0xA700) when the spool's disk has less free space than this.
+    min_free_mb: int = Field(default=100, ge=0)
+    #: Retention: series handed on and idle for this many days are deleted from the spool (0 = keep).
+    retention_days: float = Field(default=7.0, ge=0)
 
 
 class HttpSection(_Section):
@@ -60,6 +73,12 @@ class QueueSection(_Section):
     backend: Literal["sqlite", "redis"] = "sqlite"
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
     workers: int = Field(default=1, ge=1)
+    #: Runs of a job that fails for a transient reason (bad input is never retried).
+    max_attempts: int = Field(default=3, ge=1)
+    #: Delay before the first retry; doubled for each further one.
+    retry_delay_s: float = Field(default=30.0, ge=0)
+    #: A running job whose worker sent no heartbeat for this long is run again.
+    stale_after_s: float = Field(default=300.0, gt=0)
 
 
 class SegmentationSection(_Section):
@@ -68,6 +87,12 @@ class SegmentationSection(_Section):
     device: str = Field(default="cpu", pattern=r"^(cpu|gpu|gpu:\d+|mps)$")
     threads: int = Field(default=2, ge=1)
     fast: bool = False
+    #: TotalSegmentator's 6 mm model (``--fastest``); not together with ``fast``.
+    fastest: bool = False
+    #: Keep only these TotalSegmentator classes (``--roi_subset``); empty = all of the task's.
+    roi_subset: list[str] = []
+    #: Crop with TotalSegmentator's 3 mm model instead of its 6 mm one (``--robust_crop``).
+    robust_crop: bool = False
     #: TotalSegmentator's home (weights and its config.json); default: <data_dir>/totalsegmentator.
     weights_dir: Path | None = None
 
@@ -93,6 +118,7 @@ class Settings(BaseSettings):
 
     node: NodeSection = NodeSection()
     dicom: DicomSection = DicomSection()
+    ingest: IngestSection = IngestSection()
     http: HttpSection = HttpSection()
     volume: VolumeSection = VolumeSection()
     queue: QueueSection = QueueSection()

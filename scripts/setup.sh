@@ -34,7 +34,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   # torch first, pinned: the CPU wheel on these machines; any other spec pulls GBs of CUDA packages.
   # (pip's find-links/index warnings about absent local folders are noise on these machines.)
   .venv/bin/pip install -q torch==2.13.0 2>&1 | { grep -v "^WARNING: Location" || true; }
-  .venv/bin/pip install -q -e ".[test]" 2>&1 | { grep -v "^WARNING: Location" || true; }
+  .venv/bin/pip install -q -e ".[test,seg]" torch==2.13.0 2>&1 | { grep -v "^WARNING: Location" || true; }
   touch "$stamp"
 fi
 echo "setup: ok"

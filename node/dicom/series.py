@@ -264,11 +264,21 @@ def _check_plane(frames: list[_Frame]) -> tuple[np.ndarray, np.ndarray]:
                 f"slices have different orientations: {f.source} has {f.orientation.round(4).tolist()}, "
                 f"{frames[0].source} has {reference.round(4).tolist()}",
             )
-    row, col = reference[:3], reference[3:]
+    return plane_axes(reference)
+
+
+def plane_axes(orientation: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unit row and column directions from ImageOrientationPatient's six cosines (PS3.3 C.7.6.2.1.1).
+
+    Refused as ``non_orthogonal`` unless they are two orthogonal unit vectors (to 1e-3); the slice
+    normal is ``np.cross(row, col)``. Shared with series completion (:mod:`node.ingest.completion`).
+    """
+    orientation = np.asarray(orientation, dtype=float)
+    row, col = orientation[:3], orientation[3:]
     if abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3 or abs(row @ col) > 1e-3:
         raise VolumeError(
             "non_orthogonal",
-            f"ImageOrientationPatient {reference.round(5).tolist()} is not two orthogonal unit vectors",
+            f"ImageOrientationPatient {orientation.round(5).tolist()} is not two orthogonal unit vectors",
         )
     row = row / np.linalg.norm(row)
     col = col - (col @ row) * row
@@ -296,6 +306,22 @@ def _sorted_along_normal(frames: list[_Frame], normal: np.ndarray) -> tuple[list
 
 
 def _check_spacing(frames: list[_Frame], along: np.ndarray, tolerance: float) -> float:
+    slice_step = check_slice_steps(along, tolerance)
+    spacings = Counter(f.pixel_spacing for f in frames)
+    first = frames[0].pixel_spacing
+    if any(abs(a - b) > 1e-4 * max(first) for s in spacings for a, b in zip(s, first)):
+        raise VolumeError("spacing_mismatch", f"slices have different PixelSpacing: {sorted(spacings)}")
+    return slice_step
+
+
+def check_slice_steps(along: np.ndarray, tolerance: float = 0.01) -> float:
+    """The slice step of ascending positions along the normal (mm), if they are evenly spaced.
+
+    Each step must be within ``tolerance`` (a fraction) + 0.005 mm of the median step; a gap that
+    is a whole multiple of it is refused as ``missing_slices``, anything else as ``uneven_spacing``.
+    Shared with series completion (:mod:`node.ingest.completion`).
+    """
+    along = np.asarray(along, dtype=float)
     steps = np.diff(along)
     step = float(np.median(steps))
     limit = 0.005 + tolerance * step
@@ -314,10 +340,6 @@ def _check_spacing(frames: list[_Frame], along: np.ndarray, tolerance: float) ->
             f"slice spacing is not uniform: steps from {steps.min():.3f} to {steps.max():.3f} mm "
             f"(median {step:.3f} mm, tolerance {limit:.3f} mm)",
         )
-    spacings = Counter(f.pixel_spacing for f in frames)
-    first = frames[0].pixel_spacing
-    if any(abs(a - b) > 1e-4 * max(first) for s in spacings for a, b in zip(s, first)):
-        raise VolumeError("spacing_mismatch", f"slices have different PixelSpacing: {sorted(spacings)}")
     return float((along[-1] - along[0]) / (len(along) - 1))
 
 

@@ -32,3 +32,7 @@ class SeriesReady:
     reason: Literal["complete", "quiet"]
     sender: Sender
     generation: int = 1
+    #: Modality of the series' instances (0008,0060), e.g. "CT".
+    modality: str = ""
+    #: False for SEG, SR, RTSTRUCT, PR, KO and other non-image objects: stored, never to be selected.
+    is_image: bool = True

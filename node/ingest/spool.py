@@ -1,0 +1,404 @@
+"""The spool: every received instance, on disk before it is acknowledged, and a small index of them.
+
+Layout: ``<data_dir>/spool/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm`` (UIDs validated, so never
+a path trick) and ``<data_dir>/spool/index.sqlite``. Files are the truth: each is written to a
+temporary name, fsynced, renamed into place and its folder fsynced before :meth:`Spool.store`
+returns success (so a C-STORE success status means the instance survives a crash or power loss).
+The index is a rebuildable cache (SQLite WAL, no fsync); :meth:`Spool.reconcile` brings it back in
+line with the files at every start.
+
+Every receiver calls :meth:`Spool.store` (through :class:`node.ingest.receiver.Receiver`, which
+adds series completion): the C-STORE SCP, the STOW-RS route, a file import.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import shutil
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from node.ingest import Sender
+from node.ingest.instance import Encoded, InstanceInfo, Refused, Status, encode_instance, valid_uid
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    sop_class TEXT NOT NULL,
+    modality TEXT NOT NULL,
+    transfer_syntax TEXT NOT NULL,
+    instance_number INTEGER,
+    acquisition_number INTEGER,
+    position TEXT,
+    orientation TEXT,
+    images_in_acquisition INTEGER,
+    number_of_frames INTEGER NOT NULL,
+    is_image INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    via TEXT NOT NULL,
+    calling_aet TEXT NOT NULL,
+    address TEXT NOT NULL,
+    session TEXT NOT NULL,
+    received REAL NOT NULL,
+    generation INTEGER NOT NULL DEFAULT 0  -- the SeriesReady generation it was handed on in; 0 = not yet
+);
+CREATE INDEX IF NOT EXISTS instances_series ON instances (series_uid);
+"""
+_COLUMNS = (
+    "sop_uid, study_uid, series_uid, sop_class, modality, transfer_syntax, instance_number, acquisition_number, "
+    "position, orientation, images_in_acquisition, number_of_frames, is_image, path, size, via, calling_aet, "
+    "address, session, received, generation"
+)
+_UPSERT = f"""
+INSERT INTO instances ({_COLUMNS}) VALUES ({", ".join("?" * 21)})
+ON CONFLICT (sop_uid) DO UPDATE SET
+    study_uid = excluded.study_uid, series_uid = excluded.series_uid, sop_class = excluded.sop_class,
+    modality = excluded.modality, transfer_syntax = excluded.transfer_syntax,
+    instance_number = excluded.instance_number, acquisition_number = excluded.acquisition_number,
+    position = excluded.position, orientation = excluded.orientation,
+    images_in_acquisition = excluded.images_in_acquisition, number_of_frames = excluded.number_of_frames,
+    is_image = excluded.is_image, path = excluded.path, size = excluded.size, via = excluded.via,
+    calling_aet = excluded.calling_aet, address = excluded.address, session = excluded.session,
+    received = excluded.received
+"""
+_TEMP_SUFFIX = ".tmp"
+_counter = itertools.count()
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """What became of one instance; ``status`` is the C-STORE status to answer (PS3.4 B.2.3).
+
+    The STOW-RS route answers a failure with the same code as FailureReason (0008,1197), PS3.18 10.5.
+    """
+
+    status: int
+    reason: str = ""
+    info: InstanceInfo | None = None
+    path: Path | None = None
+    #: The same SOP Instance UID was already in the spool (the file is replaced, nothing else changes).
+    duplicate: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status == Status.SUCCESS
+
+
+@dataclass(frozen=True)
+class SpooledInstance:
+    """One row of the index."""
+
+    info: InstanceInfo
+    path: Path
+    sender: Sender
+    session: str
+    received: float
+    generation: int
+
+
+def _text(values: tuple[float, ...] | None) -> str | None:
+    return None if values is None else "\\".join(repr(v) for v in values)
+
+
+def _floats(text: str | None) -> tuple[float, ...] | None:
+    return None if text is None else tuple(float(v) for v in text.split("\\"))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """Durable per-series storage of received instances (thread-safe: one per process and folder)."""
+
+    def __init__(self, data_dir: Path, *, fsync: bool = True, min_free_mb: int = 0) -> None:
+        self.root = Path(data_dir) / "spool"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.fsync = fsync
+        self.min_free_bytes = min_free_mb * 1024 * 1024
+        self._lock = threading.Lock()
+        self._dirs: set[Path] = set()
+        self._free, self._checked, self._written = 0, -1e9, 0
+        self._db = self._open_index()
+
+    def _open_index(self) -> sqlite3.Connection:
+        path = self.root / "index.sqlite"
+        for attempt in range(2):
+            try:
+                db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+                # The files are the truth and reconcile() rebuilds the index, so no fsync here.
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=OFF")
+                db.executescript(_SCHEMA)
+                return db
+            except sqlite3.DatabaseError as exc:
+                if attempt:
+                    raise
+                log.warning("spool index %s is damaged (%s); rebuilding it from the files", path, exc)
+                for suffix in ("", "-wal", "-shm"):
+                    Path(f"{path}{suffix}").unlink(missing_ok=True)
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # --- writing ---------------------------------------------------------------------------
+
+    def series_folder(self, study_uid: str, series_uid: str) -> Path:
+        """Where a series' files live (both UIDs must be valid UIDs)."""
+        if not (valid_uid(study_uid) and valid_uid(series_uid)):
+            raise ValueError("study and series UIDs must be valid UIDs")
+        return self.root / study_uid / series_uid
+
+    def store(
+        self,
+        dataset: bytes | memoryview,
+        sender: Sender,
+        *,
+        transfer_syntax: str | None = None,
+        sop_class_uid: str | None = None,
+        sop_instance_uid: str | None = None,
+        session: str = "",
+    ) -> StoreResult:
+        """Check one instance and write it durably; never raises for bad input or a full disk.
+
+        ``dataset`` is a Part 10 file (STOW-RS part, file import: leave ``transfer_syntax`` None) or
+        a bare dataset as C-STORE carries it (give its ``transfer_syntax``). ``sop_class_uid`` and
+        ``sop_instance_uid`` are what a C-STORE request announced. ``session`` names the association
+        or request that brought it (for completion and the index).
+        """
+        try:
+            encoded = encode_instance(
+                dataset,
+                transfer_syntax,
+                sop_class_uid=sop_class_uid,
+                sop_instance_uid=sop_instance_uid,
+                source_aet=sender.calling_aet,
+            )
+        except Refused as exc:
+            return StoreResult(int(exc.status), exc.message)
+        try:
+            return self._write(encoded, sender, session)
+        except OSError as exc:
+            log.error("spool write failed for series %s: %s", encoded.info.series_uid, exc)
+            return StoreResult(int(Status.OUT_OF_RESOURCES), f"spool cannot be written: {exc}", encoded.info)
+        except sqlite3.Error as exc:
+            log.error("spool index write failed for series %s: %s", encoded.info.series_uid, exc)
+            return StoreResult(int(Status.OUT_OF_RESOURCES), f"spool index cannot be written: {exc}", encoded.info)
+
+    def _ensure_dir(self, folder: Path) -> None:
+        if folder in self._dirs:
+            return
+        created = [p for p in (folder.parent, folder) if not p.is_dir()]
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.fsync:
+            for new in created:  # make the new folder entries themselves durable
+                _fsync_dir(new.parent)
+        self._dirs.add(folder)
+
+    def _space_left(self, size: int) -> bool:
+        """False when the disk would keep less than ``min_free_mb``; asks the OS at most once a second
+        or after writing half the margin (statvfs costs ~0.2 ms, more than the rest of a store)."""
+        if not self.min_free_bytes:
+            return True
+        now = time.monotonic()
+        with self._lock:
+            self._written += size
+            if now - self._checked > 1.0 or self._written > self.min_free_bytes // 2:
+                self._free, self._checked, self._written = shutil.disk_usage(self.root).free, now, size
+            return self._free - self._written >= self.min_free_bytes
+
+    def _write(self, encoded: Encoded, sender: Sender, session: str) -> StoreResult:
+        info = encoded.info
+        if not self._space_left(len(encoded.meta) + len(encoded.body)):
+            return StoreResult(
+                int(Status.OUT_OF_RESOURCES), f"less than {self.min_free_bytes >> 20} MB free in the spool", info
+            )
+        folder = self.series_folder(info.study_uid, info.series_uid)
+        self._ensure_dir(folder)
+        final = folder / f"{info.sop_instance_uid}.dcm"
+        temp = folder / f".{info.sop_instance_uid}.{os.getpid()}.{next(_counter)}{_TEMP_SUFFIX}"
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        except FileNotFoundError:  # the folder was removed (retention) since it was cached
+            self._dirs.discard(folder)
+            self._ensure_dir(folder)
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            size = os.writev(fd, [encoded.meta, encoded.body])
+            if size != len(encoded.meta) + len(encoded.body):
+                raise OSError(f"short write ({size} bytes)")
+            if self.fsync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            temp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        os.replace(temp, final)
+        if self.fsync:
+            _fsync_dir(folder)
+        relative = str(final.relative_to(self.root))
+        row = (
+            info.sop_instance_uid, info.study_uid, info.series_uid, info.sop_class_uid, info.modality,
+            info.transfer_syntax, info.instance_number, info.acquisition_number, _text(info.position),
+            _text(info.orientation), info.images_in_acquisition, info.number_of_frames, int(info.is_image),
+            relative, size, sender.via, sender.calling_aet, sender.address, session, time.time(), 0,
+        )  # fmt: skip
+        with self._lock:
+            old = self._db.execute("SELECT path FROM instances WHERE sop_uid = ?", (info.sop_instance_uid,)).fetchone()
+            self._db.execute(_UPSERT, row)
+        if old and old[0] != relative:
+            # The same instance now claims another study/series: keep only the newest copy.
+            (self.root / old[0]).unlink(missing_ok=True)
+        return StoreResult(int(Status.SUCCESS), "", info, final, duplicate=old is not None)
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def _rows(self, where: str, args: tuple) -> list[SpooledInstance]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {_COLUMNS} FROM instances WHERE {where}", args).fetchall()
+        return [
+            SpooledInstance(
+                info=InstanceInfo(
+                    sop_instance_uid=r[0], study_uid=r[1], series_uid=r[2], sop_class_uid=r[3], modality=r[4],
+                    transfer_syntax=r[5], instance_number=r[6], acquisition_number=r[7],
+                    position=_floats(r[8]), orientation=_floats(r[9]),  # type: ignore[arg-type]
+                    images_in_acquisition=r[10], number_of_frames=r[11], is_image=bool(r[12]),
+                ),
+                path=self.root / r[13],
+                sender=Sender(r[15], r[16], r[17]),  # type: ignore[arg-type]
+                session=r[18],
+                received=r[19],
+                generation=r[20],
+            )  # fmt: skip
+            for r in rows
+        ]
+
+    def instances(self, series_uid: str) -> list[SpooledInstance]:
+        """The indexed instances of one series, in arrival order."""
+        return self._rows("series_uid = ? ORDER BY rowid", (series_uid,))
+
+    def instance(self, sop_instance_uid: str) -> SpooledInstance | None:
+        rows = self._rows("sop_uid = ?", (sop_instance_uid,))
+        return rows[0] if rows else None
+
+    def series_uids(self, *, pending_only: bool = False) -> list[str]:
+        """Every series in the index, or only those with instances not yet handed on."""
+        where = " WHERE generation = 0" if pending_only else ""
+        with self._lock:
+            rows = self._db.execute(f"SELECT DISTINCT series_uid FROM instances{where}").fetchall()
+        return [r[0] for r in rows]
+
+    def mark_handed(self, series_uid: str, generation: int, sop_instance_uids: list[str]) -> None:
+        """Record that these instances went out in SeriesReady ``generation`` (survives restarts)."""
+        with self._lock:
+            self._db.executemany(
+                "UPDATE instances SET generation = ? WHERE sop_uid = ? AND series_uid = ?",
+                [(generation, uid, series_uid) for uid in sop_instance_uids],
+            )
+
+    # --- upkeep ----------------------------------------------------------------------------
+
+    def reconcile(self) -> dict[str, int]:
+        """Bring the index in line with the files (run at start): the files are the truth.
+
+        Leftover temporary files (never acknowledged) are deleted, files missing from the index are
+        read and added as not yet handed on, index rows without a file are dropped.
+        """
+        with self._lock:
+            known = dict(self._db.execute("SELECT path, sop_uid FROM instances").fetchall())
+        counts = {"added": 0, "dropped": 0, "temp_removed": 0, "unreadable": 0}
+        seen: set[str] = set()
+        for study in (p for p in self.root.iterdir() if p.is_dir()):
+            for folder in (p for p in study.iterdir() if p.is_dir()):
+                for file in folder.iterdir():
+                    relative = str(file.relative_to(self.root))
+                    if file.name.endswith(_TEMP_SUFFIX):
+                        file.unlink(missing_ok=True)
+                        counts["temp_removed"] += 1
+                    elif relative in known:
+                        seen.add(relative)
+                    elif file.suffix == ".dcm":
+                        result = self._adopt(file)
+                        counts["added" if result else "unreadable"] += 1
+        gone = [(known[p],) for p in known if p not in seen]
+        if gone:
+            with self._lock:
+                self._db.executemany("DELETE FROM instances WHERE sop_uid = ?", gone)
+        counts["dropped"] = len(gone)
+        if any(counts.values()):
+            log.info("spool reconciled: %s", counts)
+        return counts
+
+    def _adopt(self, file: Path) -> bool:
+        """Index a file found on disk without a row (written, then the process died before indexing)."""
+        try:
+            encoded = encode_instance(file.read_bytes())
+        except (Refused, OSError) as exc:
+            log.warning("spool file %s cannot be indexed: %s", file, exc)
+            return False
+        info = encoded.info
+        if file != self.series_folder(info.study_uid, info.series_uid) / f"{info.sop_instance_uid}.dcm":
+            log.warning("spool file %s is not where its UIDs say it belongs; left alone", file)
+            return False
+        row = (
+            info.sop_instance_uid, info.study_uid, info.series_uid, info.sop_class_uid, info.modality,
+            info.transfer_syntax, info.instance_number, info.acquisition_number, _text(info.position),
+            _text(info.orientation), info.images_in_acquisition, info.number_of_frames, int(info.is_image),
+            str(file.relative_to(self.root)), file.stat().st_size, "file", "", "", "recovered", file.stat().st_mtime, 0,
+        )  # fmt: skip
+        with self._lock:
+            self._db.execute(_UPSERT, row)
+        return True
+
+    def remove_series(self, series_uid: str) -> int:
+        """Delete a series' folder and index rows (after success, or by retention); returns files removed."""
+        instances = self.instances(series_uid)
+        if not instances:
+            return 0
+        folder = self.series_folder(instances[0].info.study_uid, series_uid)
+        count = sum(1 for _ in folder.glob("*.dcm")) if folder.is_dir() else 0
+        shutil.rmtree(folder, ignore_errors=True)
+        self._dirs.discard(folder)
+        try:
+            folder.parent.rmdir()  # the study folder, once its last series is gone
+        except OSError:
+            pass
+        with self._lock:
+            self._db.execute("DELETE FROM instances WHERE series_uid = ?", (series_uid,))
+        return count
+
+
+def purge_older_than(spool: Spool, days: float, *, now: float | None = None, handed_only: bool = True) -> list[str]:
+    """Retention: remove series whose newest instance arrived more than ``days`` ago.
+
+    With ``handed_only`` (default) a series that still has instances not handed on is kept.
+    Returns the series UIDs removed.
+    """
+    cutoff = (time.time() if now is None else now) - days * 86400
+    with spool._lock:
+        rows = spool._db.execute(
+            "SELECT series_uid, MAX(received), MIN(generation) FROM instances GROUP BY series_uid"
+        ).fetchall()
+    removed = []
+    for series_uid, newest, lowest_generation in rows:
+        if newest < cutoff and (lowest_generation > 0 or not handed_only):
+            spool.remove_series(series_uid)
+            removed.append(series_uid)
+    return removed

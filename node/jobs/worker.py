@@ -1,0 +1,262 @@
+"""The job: a routed series -> ``run_pipeline`` -> results folder -> hooks (outbox, spool retention).
+
+A run claims the job (queued -> running, compare-and-set), so a repeated queue message or a second
+worker never runs it twice. It writes into ``<data_dir>/results/<job>/<run>/`` and only the run that
+marks the job done (again compare-and-set) keeps its folder. ``run_pipeline`` returns a failed result
+rather than raising; its error code decides:
+
+* bad input (a :class:`VolumeError` or :class:`SegmentationError` code): failed at once;
+* ``io_error``/``internal_error`` (or an exception out of the pipeline): transient, retried after
+  ``retry_delay_s * 2**(attempt-1)`` seconds until ``max_attempts`` runs, then failed with the reason;
+* the job superseded while running: the result is dropped when the run ends (the pipeline swallows
+  exceptions from progress callbacks, so a run cannot be stopped half-way).
+
+Logs name job and series ids only, never patient data.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from node.config import Settings
+from node.dicom.series import VolumeError
+from node.jobs.store import Job, JobStore, worker_id
+from node.segment import SegmentationError
+from node.web import metrics
+
+log = logging.getLogger(__name__)
+
+#: ``run_pipeline(input, outdir, request, progress)`` (see :mod:`node.pipeline`).
+PipelineFn = Callable[..., Any]
+#: Called once after a job is done: ``hook(job, results_dir)``.
+Hook = Callable[[Job, Path], None]
+BAD_INPUT: tuple[type[Exception], ...] = (VolumeError, SegmentationError)
+
+
+class StageClock:
+    """Seconds spent per stage, from the stage names a pipeline reports as it goes."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.current: str | None = None
+        self.since = clock()
+        self.seconds: dict[str, float] = {}
+
+    def enter(self, stage: str) -> tuple[str, float] | None:
+        """Switch to ``stage``; returns the stage just closed and its duration, if any."""
+        if stage == self.current:
+            return None
+        closed = self.close()
+        self.current, self.since = stage, self.clock()
+        return closed
+
+    def close(self) -> tuple[str, float] | None:
+        if self.current is None:
+            return None
+        elapsed = self.clock() - self.since
+        self.seconds[self.current] = self.seconds.get(self.current, 0.0) + elapsed
+        closed, self.current = (self.current, elapsed), None
+        return closed
+
+    def snapshot(self) -> dict[str, float]:
+        out = dict(self.seconds)
+        if self.current is not None:
+            out[self.current] = out.get(self.current, 0.0) + self.clock() - self.since
+        return out
+
+
+#: Pipeline error codes worth another attempt; every other code means the input is bad.
+TRANSIENT_CODES = frozenset({"io_error", "internal_error"})
+#: Where each pipeline stage sits in the overall progress: (start, span). Post stages share one slot.
+_PROGRESS = {"prepare": (0.0, 0.02), "load": (0.02, 0.13), "segment": (0.15, 0.65), "write": (0.9, 0.1)}
+_POST = (0.8, 0.1)
+
+
+def default_pipeline(input_path: Path, outdir: Path, request: Any, progress: Callable[..., None]) -> Any:
+    from node.pipeline import run_pipeline  # imported only where jobs run
+
+    return run_pipeline(input_path, outdir, request, progress)
+
+
+def build_request(job: Job, settings: Settings) -> Any:
+    """The pipeline request of a job: the rule's pipeline over the ``[segmentation]`` settings."""
+    from node.pipeline import PipelineRequest
+    from node.segment import SegmentRequest
+
+    spec, seg = job.pipeline, settings.segmentation
+    return PipelineRequest(
+        segment=SegmentRequest(
+            engine=spec.get("engine") or seg.engine, task=spec.get("task") or seg.task,
+            fast=seg.fast if spec.get("fast") is None else bool(spec["fast"]),
+            roi_subset=tuple(spec.get("roi_subset") or ()), device=seg.device, threads=seg.threads,
+            weights_dir=seg.weights_dir or Path(settings.node.data_dir) / "totalsegmentator",
+            options=dict(spec.get("options") or {}),
+        ),
+        series_uid=job.series_uid,
+        spacing_tolerance=settings.volume.spacing_tolerance,
+        post=tuple(spec.get("post") or ()),
+        stage_options={k: dict(v) for k, v in (spec.get("stage_options") or {}).items()},
+    )
+
+
+def overall_progress(stage: str, done: int | None = None, total: int | None = None) -> float:
+    start, span = _PROGRESS.get(stage, _POST)
+    within = min(1.0, done / total) if done is not None and total else 0.0
+    return round(start + span * within, 4)
+
+
+class JobRunner:
+    """Runs one job id at a time per calling thread; thread-safe."""
+
+    def __init__(self, store: JobStore, settings: Settings, *, pipeline: PipelineFn = default_pipeline,
+                 request: Callable[[Job, Settings], Any] = build_request,
+                 enqueue: Callable[[str, float], None] | None = None, hooks: tuple[Hook, ...] = (),
+                 heartbeat_s: float | None = None) -> None:
+        self.store, self.settings, self.pipeline, self.request = store, settings, pipeline, request
+        self.enqueue = enqueue
+        self.hooks = hooks
+        self.heartbeat_s = heartbeat_s or max(0.5, settings.queue.stale_after_s / 5)
+        self.results_root = Path(settings.node.data_dir) / "results"
+        self.worker = worker_id()
+
+    def __call__(self, job_id: str) -> None:
+        self.run(job_id)
+
+    def run(self, job_id: str) -> str | None:
+        """Run the job if it can be claimed; returns its state afterwards (None if not claimed)."""
+        job = self.store.claim(job_id, self.worker)
+        if job is None:
+            current = self.store.get(job_id)
+            log.info("job %s: not run (%s)", job_id, current.state if current else "unknown job")
+            return None
+        assert job.run_id is not None
+        log.info("job %s series %s: attempt %d/%d, rule %s, engine %s", job.id, job.series_uid,
+                 job.attempts, job.max_attempts, job.rule, job.engine)
+        metrics.JOBS_STARTED.inc()
+        outdir = self.results_root / job.id / job.run_id
+        clock = StageClock()
+        lost = threading.Event()
+        stop_beat = threading.Event()
+        beat = threading.Thread(target=self._beat, args=(job, lost, stop_beat), daemon=True,
+                                name=f"heartbeat-{job.id}")
+        beat.start()
+        try:
+            outdir.mkdir(parents=True, exist_ok=True)
+            progress = self._progress(job, clock, lost)
+            clock.enter("prepare")
+            request = self.request(job, self.settings)
+            result = self.pipeline(Path(job.folder), outdir, request, progress)
+            self._closed(clock.close())
+        except Exception as exc:  # the pipeline reports failures in its result; this is a bug or I/O
+            self._closed(clock.close())
+            code = "io_error" if isinstance(exc, OSError) else "internal_error"
+            if isinstance(exc, BAD_INPUT):
+                code = getattr(exc, "code", "bad_input")
+            log.warning("job %s series %s: %s: %s", job.id, job.series_uid, code, exc, exc_info=True)
+            return self._failed(job, code, f"{type(exc).__name__}: {exc}" if code in TRANSIENT_CODES
+                                else str(exc), clock)
+        finally:
+            stop_beat.set()
+        error = getattr(result, "error", None)
+        if getattr(result, "state", "done") != "done" and error is not None:
+            log.warning("job %s series %s: [%s] in stage %s: %s", job.id, job.series_uid, error.code,
+                        getattr(error, "stage", "?"), error.message)
+            return self._failed(job, error.code, error.message, clock)
+        if lost.is_set():
+            self._discard(outdir)
+            log.info("job %s series %s: finished, but the job was superseded meanwhile", job.id, job.series_uid)
+            return self._state(job.id)
+        return self._done(job, outdir, clock)
+
+    @staticmethod
+    def _discard(outdir: Path) -> None:
+        """Only a done run keeps its folder."""
+        shutil.rmtree(outdir, ignore_errors=True)
+        try:
+            outdir.parent.rmdir()
+        except OSError:
+            pass
+
+    # --- pieces ------------------------------------------------------------------------------
+    def _progress(self, job: Job, clock: StageClock, lost: threading.Event) -> Callable[..., None]:
+        """The pipeline's progress callback: stage timings, job stage/progress (at most two record
+        writes a second within a stage). It never raises: the pipeline would only log it."""
+        assert job.run_id is not None
+        last = [0.0]
+
+        def progress(event: Any) -> None:
+            if lost.is_set():
+                return
+            if event.status == "started":
+                self._closed(clock.enter(event.stage))
+            elif event.status in ("done", "skipped", "failed") and clock.current == event.stage:
+                self._closed(clock.close())
+            now = time.monotonic()
+            if event.status == "progress" and now - last[0] < 0.5:
+                return
+            last[0] = now
+            fraction = overall_progress(event.stage, event.done, event.total)
+            try:
+                if not self.store.progress(job.id, job.run_id, event.stage, fraction, clock.snapshot()):
+                    lost.set()
+            except Exception:
+                log.exception("job %s: progress update failed", job.id)
+
+        return progress
+
+    def _beat(self, job: Job, lost: threading.Event, stop: threading.Event) -> None:
+        assert job.run_id is not None
+        while not stop.wait(self.heartbeat_s):
+            try:
+                if not self.store.heartbeat(job.id, job.run_id):
+                    lost.set()
+                    return
+            except Exception:
+                log.exception("job %s: heartbeat failed", job.id)
+
+    @staticmethod
+    def _closed(closed: tuple[str, float] | None) -> None:
+        if closed is not None:
+            metrics.STAGE_SECONDS.labels(stage=closed[0]).observe(closed[1])
+
+    def _state(self, job_id: str) -> str | None:
+        current = self.store.get(job_id)
+        return current.state if current else None
+
+    def _failed(self, job: Job, code: str, message: str, clock: StageClock) -> str | None:
+        assert job.run_id is not None
+        self._discard(self.results_root / job.id / job.run_id)
+        retry_in = self.settings.queue.retry_delay_s * 2 ** (job.attempts - 1) if code in TRANSIENT_CODES else None
+        after = self.store.fail(job.id, job.run_id, code, message, retry_in, clock.snapshot())
+        if after is None:
+            return self._state(job.id)
+        if after.state == "queued" and self.enqueue is not None:
+            self.enqueue(job.id, retry_in or 0.0)
+        metrics.JOBS_FINISHED.labels(state=after.state).inc()
+        return after.state
+
+    def _done(self, job: Job, outdir: Path, clock: StageClock) -> str | None:
+        assert job.run_id is not None
+        if not self.store.finish(job.id, job.run_id, str(outdir), clock.snapshot()):
+            log.info("job %s series %s: finished, but the job was superseded meanwhile", job.id, job.series_uid)
+            self._discard(outdir)
+            return self._state(job.id)
+        for other in outdir.parent.iterdir():  # folders of earlier, interrupted runs
+            if other != outdir:
+                shutil.rmtree(other, ignore_errors=True)
+        metrics.JOBS_FINISHED.labels(state="done").inc()
+        log.info("job %s series %s: done in %.1f s", job.id, job.series_uid, sum(clock.seconds.values()))
+        done = self.store.get(job.id) or job
+        for hook in self.hooks:
+            try:
+                hook(done, outdir)
+            except Exception as exc:
+                log.exception("job %s: hook %s failed", job.id, getattr(hook, "__name__", hook))
+                self.store.mutate(job.id, lambda j: j.note("hook_failed", f"{type(exc).__name__}: {exc}") or True)
+        return "done"

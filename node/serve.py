@@ -1,0 +1,180 @@
+"""``segnode serve``: DICOM listener + HTTP app + job workers in one process; ``segnode worker``: extra
+workers on other machines (Redis queue).
+
+Worker model. ``serve`` runs everything in one process: uvicorn in the main thread (it owns
+SIGINT/SIGTERM), the pynetdicom listener in its threads, and huey's consumer with ``[queue] workers``
+worker threads plus its scheduler thread (for delayed retries). Threads, not processes, because the
+heavy stages run in numpy/scipy/torch, which release the GIL (and nnU-Net starts its own worker
+processes); one process means one job store connection pool, one metrics registry for ``/metrics``,
+and no fork of a process that holds sockets, SQLite handles and torch state. Isolation comes from
+durability instead: a crash or ``kill -9`` loses nothing — at the next start every job left running
+is queued again (:func:`node.jobs.reconcile`) and completes exactly once (the job store's
+compare-and-set). A lock file keeps a second ``serve`` off the same data folder, which is what makes
+"every running job is an orphan at start" true with SQLite. For more machines, or to keep the engine
+out of the listener's process: ``[queue] backend = "redis"`` and ``segnode worker`` where the GPUs are
+(the spool folder must be shared with them, e.g. over NFS; job records live in Redis then).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import ipaddress
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+from node.config import Settings
+from node.ingest import Sender, SeriesReady
+from node.ingest.receiver import Receiver
+from node.jobs import Router, open_store, reconcile
+from node.jobs.queue import JobQueue, make_huey
+from node.jobs.store import Job, JobStore
+from node.jobs.worker import Hook, JobRunner
+from node.web import metrics
+
+log = logging.getLogger(__name__)
+
+
+class ServeError(Exception):
+    """The node cannot start, as one line for people."""
+
+
+class MeteredReceiver(Receiver):
+    """The ingest receiver, counting instances, refusals and associations for ``/metrics``."""
+
+    def store(self, dataset, sender: Sender, **kwargs):  # type: ignore[override]
+        result = super().store(dataset, sender, **kwargs)
+        (metrics.INSTANCES_RECEIVED if result.ok else metrics.INSTANCES_REFUSED).labels(via=sender.via).inc()
+        return result
+
+    def new_session(self, kind: str = "session") -> str:
+        if kind == "dimse":
+            metrics.ASSOCIATIONS.inc()
+        return super().new_session(kind)
+
+
+def _lock(data_dir: Path) -> IO[str]:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(data_dir / "serve.lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ServeError(f"another segnode serve is using {data_dir}") from None
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def _check_http(settings: Settings) -> None:
+    host = settings.http.host
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not settings.http.tokens and not loopback:
+        raise ServeError(f"[http] tokens are empty: the API would be open on {host}; "
+                         "set tokens or listen on 127.0.0.1")
+
+
+def retention_hook(receiver: Receiver, days: float) -> Hook:
+    """After each job done: the spool's retention sweep (series handed on and idle for ``days``)."""
+    from node.ingest.spool import purge_older_than
+
+    def spool_retention(job: Job, results: Path) -> None:
+        removed = purge_older_than(receiver.spool, days)
+        if removed:
+            log.info("spool retention: %d series older than %g days removed", len(removed), days)
+
+    return spool_retention
+
+
+def _watch_orphans(store: JobStore, enqueue: Callable[[str, float], None], stale_after: float,
+                   stop: threading.Event) -> None:
+    """Now and then: jobs whose worker went silent (another machine died) are queued again."""
+    while not stop.wait(min(60.0, stale_after / 2)):
+        try:
+            reconcile(store, enqueue, stale_after=stale_after, resend_queued=False)
+        except Exception:
+            log.exception("orphan check failed")
+
+
+def serve(settings: Settings, *, on_started: Callable[[], None] | None = None) -> None:
+    """Run the node until SIGINT/SIGTERM."""
+    import uvicorn
+
+    from node.ingest.scp import Listener
+    from node.web.app import AppContext, create_app
+
+    _check_http(settings)
+    data_dir = Path(settings.node.data_dir)
+    lock = _lock(data_dir)
+    store = open_store(settings)
+    runner: list[JobRunner] = []
+    queue = JobQueue(make_huey(settings), lambda job_id: runner[0].run(job_id))
+    receiver = MeteredReceiver.from_settings(settings)
+    hooks: tuple[Hook, ...] = ()
+    if settings.ingest.retention_days > 0:
+        hooks = (retention_hook(receiver, settings.ingest.retention_days),)
+    runner.append(JobRunner(store, settings, enqueue=queue.enqueue, hooks=hooks))
+    router = Router(settings, store, queue.enqueue,
+                    sop_uids=lambda uid: [r.info.sop_instance_uid for r in receiver.spool.instances(uid)])
+
+    def on_series_ready(ready: SeriesReady) -> None:
+        metrics.SERIES_COMPLETED.labels(reason=ready.reason).inc()
+        router.on_series_ready(ready)
+
+    receiver.on_series_ready = on_series_ready
+    stop = threading.Event()
+    listener = None
+    try:
+        counts = reconcile(store, queue.enqueue, stale_after=settings.queue.stale_after_s,
+                           all_running_are_orphans=settings.queue.backend == "sqlite")
+        log.info("jobs at start: %d requeued (worker gone), %d failed (no attempts left), %d queued",
+                 counts["requeued"], counts["failed"], counts["queued"])
+        receiver.start()
+        queue.start(settings.queue.workers)
+        threading.Thread(target=_watch_orphans, args=(store, queue.enqueue, settings.queue.stale_after_s, stop),
+                         name="segnode-orphans", daemon=True).start()
+        listener = Listener(settings.dicom, receiver).start()
+        app = create_app(AppContext(settings, store, queue.enqueue, receiver))
+        config = uvicorn.Config(app, host=settings.http.host, port=settings.http.port, log_config=None,
+                                lifespan="off", timeout_graceful_shutdown=10)
+        server = uvicorn.Server(config)
+        log.info("HTTP on %s:%d, %d worker thread(s), queue %s", settings.http.host, settings.http.port,
+                 settings.queue.workers, settings.queue.backend)
+        if on_started is not None:
+            on_started()
+        # uvicorn handles SIGINT/SIGTERM while it runs, then re-raises them to the handlers it found:
+        # make those a note, so that the shutdown below runs and the exit status is 0.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda sig, frame: log.info("stopping (%s)", signal.Signals(sig).name))
+        server.run()
+    finally:
+        stop.set()
+        if listener is not None:
+            listener.stop()
+        queue.stop(timeout=30)
+        receiver.close()
+        store.close()
+        lock.close()
+        log.info("stopped")
+
+
+def work(settings: Settings) -> None:
+    """``segnode worker``: run jobs from the Redis queue until SIGINT/SIGTERM (no listener, no HTTP)."""
+    if settings.queue.backend != "redis":
+        raise ServeError('segnode worker needs [queue] backend = "redis"; with SQLite, raise [queue] workers')
+    store = open_store(settings)
+    runner: list[JobRunner] = []
+    queue = JobQueue(make_huey(settings), lambda job_id: runner[0].run(job_id))
+    runner.append(JobRunner(store, settings, enqueue=queue.enqueue))
+    log.info("worker: %d thread(s) on the Redis queue", settings.queue.workers)
+    try:
+        queue.consumer(settings.queue.workers, own_signals=True).run()
+    finally:
+        store.close()

@@ -1,0 +1,1 @@
+"""The node's HTTP side: the API (:mod:`.app`), STOW-RS (:mod:`.stow`), auth and metrics."""

@@ -1,0 +1,138 @@
+"""The node's HTTP app (Starlette): job and series API, STOW-RS, health and metrics.
+
+=============================  ============================================================
+``GET  /healthz``              liveness (no authentication)
+``GET  /metrics``              Prometheus text format
+``GET  /api/series``           series the router saw, newest first, with its decision and job
+``GET  /api/jobs``             jobs, newest first (``?state=failed&limit=50&offset=0``)
+``GET  /api/jobs/{id}``        one job: state, stage, progress, per-stage timings, error, history
+``POST /api/jobs/{id}/retry``  run a failed job again (202), 409 if it is not failed
+``POST /dicomweb/studies``     STOW-RS (:mod:`node.web.stow`)
+=============================  ============================================================
+
+Everything but ``/healthz`` needs a token when ``[http] tokens`` are set (:mod:`node.web.auth`).
+Errors are JSON ``{"error": "..."}``. Handlers are plain functions run in Starlette's thread pool.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from node import __version__
+from node.config import Settings
+from node.jobs.store import STATES, JobStore
+from node.web import metrics
+from node.web.auth import TokenAuth
+from node.web.stow import StowRoute, Target
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AppContext:
+    settings: Settings
+    store: JobStore
+    #: ``enqueue(job_id, delay_seconds)``: sends a queue message.
+    enqueue: Callable[[str, float], None]
+    #: Where STOW-RS stores (the ingest receiver); None: no STOW-RS route.
+    receiver: Target | None = None
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _page(request: Request) -> tuple[int, int]:
+    try:
+        limit = int(request.query_params.get("limit", 100))
+        offset = int(request.query_params.get("offset", 0))
+    except ValueError:
+        raise _BadRequest("limit and offset must be integers") from None
+    if not (1 <= limit <= 1000 and offset >= 0):
+        raise _BadRequest("limit must be 1..1000 and offset >= 0")
+    return limit, offset
+
+
+class _BadRequest(Exception):
+    pass
+
+
+def _summary(job: dict[str, Any]) -> dict[str, Any]:
+    job.pop("history", None)
+    return job
+
+
+def create_app(ctx: AppContext) -> Starlette:
+    store = ctx.store
+    metrics.count_jobs_with(store.counts)
+
+    def healthz(request: Request) -> Response:
+        try:
+            store.counts()
+        except Exception as exc:
+            log.error("health check: job store unreachable: %s", exc)
+            return JSONResponse({"status": "error", "detail": "job store unreachable"}, status_code=503)
+        return JSONResponse({"status": "ok", "version": __version__})
+
+    def metrics_text(request: Request) -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    def series(request: Request) -> Response:
+        try:
+            limit, offset = _page(request)
+        except _BadRequest as exc:
+            return _error(400, str(exc))
+        return JSONResponse(store.series(limit, offset))
+
+    def jobs(request: Request) -> Response:
+        state = request.query_params.get("state")
+        if state is not None and state not in STATES:
+            return _error(400, f"state must be one of {', '.join(STATES)}")
+        try:
+            limit, offset = _page(request)
+        except _BadRequest as exc:
+            return _error(400, str(exc))
+        return JSONResponse([_summary(j.public()) for j in store.list(state, limit, offset)])
+
+    def job(request: Request) -> Response:
+        found = store.get(request.path_params["job_id"])
+        if found is None:
+            return _error(404, "no such job")
+        return JSONResponse(found.public())
+
+    def retry(request: Request) -> Response:
+        job_id = request.path_params["job_id"]
+        found = store.get(job_id)
+        if found is None:
+            return _error(404, "no such job")
+        user = request.scope.get("state", {}).get("user") or "anonymous"
+        again = store.requeue(job_id, f"retried by {user}", states=("failed",))
+        if again is None:
+            return _error(409, f"job is {found.state}; only failed jobs can be retried")
+        ctx.enqueue(job_id, 0.0)
+        log.info("job %s series %s: retried by %s", job_id, again.series_uid, user)
+        return JSONResponse(again.public(), status_code=202)
+
+    routes = [
+        Route("/healthz", healthz),
+        Route("/metrics", metrics_text),
+        Route("/api/series", series),
+        Route("/api/jobs", jobs),
+        Route("/api/jobs/{job_id}", job),
+        Route("/api/jobs/{job_id}/retry", retry, methods=["POST"]),
+    ]
+    if ctx.receiver is not None:
+        tmp = Path(ctx.settings.node.data_dir) / "tmp"
+        routes += StowRoute(ctx.receiver, ctx.settings.http.max_upload_mb, tmp).routes()
+    return Starlette(routes=routes, middleware=[Middleware(TokenAuth, tokens=ctx.settings.http.tokens)])

@@ -1,0 +1,62 @@
+"""Prometheus metrics (text format at ``GET /metrics``).
+
+Counters and histograms live in this process: ingest and in-process workers update them. Jobs by
+state are read from the job store at scrape time, so they include jobs run by other workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+INSTANCES_RECEIVED = Counter("segnode_instances_received", "Instances stored in the spool.", ["via"],
+                             registry=REGISTRY)
+INSTANCES_REFUSED = Counter("segnode_instances_refused", "Instances refused (not stored).", ["via"],
+                            registry=REGISTRY)
+ASSOCIATIONS = Counter("segnode_associations", "DICOM associations accepted.", registry=REGISTRY)
+SERIES_COMPLETED = Counter("segnode_series_completed", "Series handed on as complete.", ["reason"],
+                           registry=REGISTRY)
+SERIES_ROUTED = Counter("segnode_series_routed", "Routing decisions.", ["outcome"], registry=REGISTRY)
+JOBS_STARTED = Counter("segnode_job_runs_started", "Job runs started by this process's workers.",
+                       registry=REGISTRY)
+JOBS_FINISHED = Counter("segnode_job_runs_finished", "Job runs ended by this process's workers.", ["state"],
+                        registry=REGISTRY)
+STAGE_SECONDS = Histogram(
+    "segnode_stage_duration_seconds", "Time spent in each pipeline stage.", ["stage"], registry=REGISTRY,
+    buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
+)
+
+
+class _JobStates(Collector):
+    """``segnode_jobs{state=...}`` from the job store, at scrape time."""
+
+    def __init__(self) -> None:
+        self.counts: Callable[[], dict[str, int]] | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("segnode_jobs", "Jobs by state.", labels=["state"])
+        if self.counts is not None:
+            for state, n in self.counts().items():
+                family.add_metric([state], n)
+        yield family
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily("segnode_jobs", "Jobs by state.", labels=["state"])
+
+
+_JOB_STATES = _JobStates()
+REGISTRY.register(_JOB_STATES)
+
+
+def count_jobs_with(counts: Callable[[], dict[str, int]] | None) -> None:
+    """Where ``segnode_jobs`` reads its numbers (the app's job store)."""
+    _JOB_STATES.counts = counts
+
+
+def render() -> bytes:
+    return generate_latest(REGISTRY)

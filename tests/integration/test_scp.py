@@ -1,0 +1,329 @@
+"""The DICOM listener against real senders: dcmtk storescu/echoscu and pynetdicom, on loopback."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
+from pynetdicom import AE, _config as pynetdicom_config, evt
+from typer.testing import CliRunner
+
+from node.cli import app
+from node.config import Settings
+from node.dicom.series import read_series
+from node.dicom.writer import SeriesInfo, series_datasets, write_series
+from node.ingest import SeriesReady
+from node.ingest.instance import Status, encode_instance, file_meta
+from node.ingest.scp import Listener, handle_open, start_listener
+from node.ingest.spool import Spool
+from tests.servers import HOST, ServerError, echoscu, free_port, port_is_open, require_program, storescu
+from tests.unit.test_series import ramp_volume
+from tests.unit.test_spool import bare
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Events:
+    """SeriesReady events as the callback receives them, with a wait for the expected number."""
+
+    def __init__(self) -> None:
+        self.items: list[SeriesReady] = []
+        self._changed = threading.Condition()
+
+    def __call__(self, ready: SeriesReady) -> None:
+        with self._changed:
+            self.items.append(ready)
+            self._changed.notify_all()
+
+    def wait(self, count: int, timeout: float = 20) -> list[SeriesReady]:
+        with self._changed:
+            self._changed.wait_for(lambda: len(self.items) >= count, timeout)
+            assert len(self.items) >= count, f"{len(self.items)} SeriesReady, expected {count}"
+            return list(self.items)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def listen(tmp_path: Path) -> Iterator[Callable[..., tuple[Listener, Events]]]:
+    """Start in-process listeners (AE title SEGNODE, port chosen by the kernel) on tmp_path/data."""
+    started: list[Listener] = []
+
+    def start(*, fsync: bool = True, quiet: float = 3600, **dicom: object) -> tuple[Listener, Events]:
+        settings = Settings(
+            node={"data_dir": tmp_path / "data"},
+            ingest={"fsync": fsync, "quiet_seconds": quiet},
+            dicom={"ae_title": "SEGNODE", "host": HOST, **dicom},
+        )
+        events = Events()
+        listener = start_listener(settings, events, port=0)
+        started.append(listener)
+        return listener, events
+
+    yield start
+    for listener in started:
+        listener.stop()
+        listener.receiver.close()
+
+
+def scu(port: int, calling_aet: str = "TESTSCU", contexts=(CTImageStorage,), **kwargs):
+    ae = AE(ae_title=calling_aet)
+    for context in contexts:
+        ae.add_requested_context(context, ExplicitVRLittleEndian)
+    return ae.associate(HOST, port, ae_title="SEGNODE", evt_handlers=[(evt.EVT_CONN_OPEN, handle_open)], **kwargs)
+
+
+def spool_files(root: Path) -> list[Path]:
+    return sorted(root.rglob("*.dcm"))
+
+
+# --- real senders --------------------------------------------------------------------------------
+
+
+def test_storescu_series_is_spooled_valid_and_ready_at_release(listen, tmp_path: Path) -> None:
+    volume = ramp_volume(shape=(12, 32, 32))
+    sent = write_series(volume, tmp_path / "sent", SeriesInfo(uid_seed="dcmtk"))
+    listener, events = listen()
+    storescu([tmp_path / "sent"], HOST, listener.port, "SEGNODE")
+    [ready] = events.wait(1)  # quiet is an hour: only release + geometry can have made it ready
+    assert (ready.reason, ready.instance_count, ready.generation, ready.is_image, ready.modality) == (
+        "complete", 12, 1, True, "CT")
+    assert (ready.sender.via, ready.sender.calling_aet, ready.sender.address) == ("dimse", "SEGNODE-TEST", HOST)
+    stored = sorted(ready.folder.glob("*.dcm"))
+    assert [p.name for p in stored] == sorted(f"{pydicom.dcmread(p).SOPInstanceUID}.dcm" for p in sent)
+    check = subprocess.run([require_program("dcmftest"), *map(str, stored)], capture_output=True, text=True)
+    assert [line.split(":")[0] for line in check.stdout.splitlines()] == ["yes"] * 12
+    got = read_series(ready.folder)
+    np.testing.assert_array_equal(got.array, volume.array)
+    np.testing.assert_allclose(got.geometry.affine, volume.geometry.affine, atol=1e-5)
+    for original in sent:
+        a = pydicom.dcmread(original)
+        b = pydicom.dcmread(ready.folder / f"{a.SOPInstanceUID}.dcm")
+        assert (b.PixelData, b.ImagePositionPatient, b.SeriesInstanceUID) == (
+            a.PixelData, a.ImagePositionPatient, a.SeriesInstanceUID)
+        assert b.file_meta.SourceApplicationEntityTitle == "SEGNODE-TEST"
+
+
+def test_eight_concurrent_associations_of_a_hundred(listen, tmp_path: Path) -> None:
+    folders = []
+    for n in range(8):
+        folder = tmp_path / f"series{n}"
+        write_series(ramp_volume(shape=(100, 32, 32)), folder, SeriesInfo(uid_seed=f"concurrent{n}", series_number=n + 1))
+        folders.append(folder)
+    listener, events = listen()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda f: storescu([f], HOST, listener.port, "SEGNODE", calling_aet=f"SCU{f.name[-1]}"), folders))
+    ready = events.wait(8)
+    assert sorted((r.reason, r.instance_count, r.generation) for r in ready) == [("complete", 100, 1)] * 8
+    assert sorted(r.sender.calling_aet for r in ready) == [f"SCU{n}" for n in range(8)]
+    assert len(spool_files(tmp_path / "data" / "spool")) == 800
+    for r in ready:
+        assert len(listener.receiver.spool.instances(r.series_uid)) == 100
+
+
+def test_echoscu(listen) -> None:
+    listener, _ = listen()
+    echoscu(HOST, listener.port, "SEGNODE")
+
+
+@pytest.mark.filterwarnings("ignore:.*VR UI")
+def test_a_bad_instance_gets_its_status_and_the_association_goes_on(listen, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)  # files go as their raw bytes
+    good1, good2, evil, cut, other = series_datasets(ramp_volume(shape=(5, 16, 16)), SeriesInfo(uid_seed="bad"))
+    evil.SeriesInstanceUID = "../../../../tmp/segnode-evil"
+    cut.save_as(tmp_path / "cut.dcm", enforce_file_format=True)
+    (tmp_path / "truncated.dcm").write_bytes((tmp_path / "cut.dcm").read_bytes()[:-100])
+    other.SOPClassUID = MRImageStorage  # the file meta (so the request) still says CT
+    (tmp_path / "mismatch.dcm").write_bytes(file_meta(CTImageStorage, other.SOPInstanceUID, ExplicitVRLittleEndian) + bare(other))
+    listener, events = listen()
+    assoc = scu(listener.port)
+    assert assoc.is_established
+    statuses = []
+    try:
+        for item in (good1, evil, tmp_path / "truncated.dcm", tmp_path / "mismatch.dcm", good2):
+            rsp = assoc.send_c_store(item)
+            statuses.append((rsp.Status, str(rsp.get("ErrorComment", ""))[:30]))
+        assert assoc.is_established
+    finally:
+        assoc.release()
+    assert [s for s, _ in statuses] == [0x0000, Status.INVALID_UID, Status.CANNOT_UNDERSTAND, Status.DOES_NOT_MATCH, 0x0000]
+    assert statuses[1][1].startswith("SeriesInstanceUID is not a val")
+    assert statuses[2][1].startswith("dataset is truncated or malfor")
+    assert sorted(p.name for p in spool_files(tmp_path / "data" / "spool")) == sorted(
+        f"{ds.SOPInstanceUID}.dcm" for ds in (good1, good2))
+    assert not Path("/tmp/segnode-evil").exists()
+    listener.receiver.poll()
+    wait_until(lambda: listener.receiver.tracker.state(good1.SeriesInstanceUID, 0).open_sessions == 0)
+    assert listener.receiver.tracker.state(good1.SeriesInstanceUID, 0).instance_count == 2
+
+
+def test_duplicates_are_idempotent(listen, tmp_path: Path) -> None:
+    series = series_datasets(ramp_volume(shape=(6, 16, 16)), SeriesInfo(uid_seed="dup"))
+    listener, events = listen()
+    for _ in range(2):
+        assoc = scu(listener.port)
+        assert [assoc.send_c_store(ds).Status for ds in series + series[:2]] == [0] * 8
+        assoc.release()
+    uid = series[0].SeriesInstanceUID
+    wait_until(lambda: (s := listener.receiver.tracker.state(uid, 0)) is not None and s.open_sessions == 0)
+    assert len(spool_files(tmp_path / "data" / "spool")) == 6
+    assert len(listener.receiver.spool.instances(uid)) == 6
+    assert [(r.instance_count, r.generation) for r in events.wait(1)] == [(6, 1)]
+    assert listener.receiver.tracker.state(uid, 0).generation == 1  # the resend brought nothing new
+
+
+# --- who may send ----------------------------------------------------------------------------------
+
+
+def test_unknown_calling_aet_is_rejected_at_association(listen) -> None:
+    listener, _ = listen(allowed_calling_aets=["TESTSCU"])
+    assoc = scu(listener.port, calling_aet="INTRUDER")
+    assert assoc.is_rejected
+    rj = assoc.acceptor.primitive
+    assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x03)  # permanent, user, calling AE
+    with pytest.raises(ServerError, match="Association Rejected"):
+        echoscu(HOST, listener.port, "SEGNODE", calling_aet="INTRUDER")
+    allowed = scu(listener.port, calling_aet="TESTSCU")
+    assert allowed.is_established
+    allowed.release()
+
+
+def test_unknown_source_address_is_rejected_at_association(listen) -> None:
+    listener, _ = listen(allowed_sources=["10.0.0.0/8", "192.168.1.7"])
+    assoc = scu(listener.port)
+    assert assoc.is_rejected
+    rj = assoc.acceptor.primitive
+    assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x01)  # permanent, user, no reason
+    open_listener, _ = listen(allowed_sources=["127.0.0.0/8"])
+    echoscu(HOST, open_listener.port, "SEGNODE")
+
+
+def test_tls(listen, tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [require_program("openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    listener, events = listen(tls_cert=cert, tls_key=key)
+    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+    client.check_hostname = False
+    series = series_datasets(ramp_volume(shape=(3, 8, 8)), SeriesInfo(uid_seed="tls"))
+    assoc = scu(listener.port, tls_args=(client, None))
+    assert [assoc.send_c_store(ds).Status for ds in series] == [0, 0, 0]
+    assoc.release()
+    assert [r.instance_count for r in events.wait(1)] == [3]
+    plain = scu(listener.port)
+    assert not plain.is_established
+
+
+# --- the CLI ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:.*VR UI")
+def test_segnode_send_counts_statuses(listen, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", False)  # the command changes it
+    files = write_series(ramp_volume(shape=(4, 8, 8)), tmp_path / "src", SeriesInfo(uid_seed="cli"))
+    bad = series_datasets(ramp_volume(shape=(1, 8, 8)), SeriesInfo(uid_seed="cli-bad"))[0]
+    bad.StudyInstanceUID = "not-a-uid"
+    bad.save_as(tmp_path / "src" / "bad.dcm", enforce_file_format=True)
+    (tmp_path / "src" / "README").write_text("not DICOM")
+    with zipfile.ZipFile(tmp_path / "series.zip", "w") as archive:
+        for path in files:
+            archive.write(path, path.name)
+    listener, events = listen()
+    runner = CliRunner()
+    result = runner.invoke(app, ["send", str(tmp_path / "src"), "--to", f"{HOST}:{listener.port}", "--aet", "SEGNODE"])
+    assert result.exit_code == 1, result.output
+    assert "0x0000 success  4" in result.output
+    assert "0xC010 failure  1" in result.output
+    assert "skipped, not DICOM: 1" in result.output
+    zipped = runner.invoke(app, ["send", str(tmp_path / "series.zip"), "--to", f"{HOST}:{listener.port}", "--aet", "SEGNODE"])
+    assert zipped.exit_code == 0, zipped.output
+    assert "0x0000 success  4" in zipped.output
+    assert [r.instance_count for r in events.wait(1)] == [4]
+    refused = runner.invoke(app, ["send", str(tmp_path / "src"), "--to", f"{HOST}:{free_port()}"])
+    assert refused.exit_code == 1 and "association failed" in refused.output
+
+
+# --- crash safety -------------------------------------------------------------------------------------
+
+
+def _start_node(data: Path, port: int, quiet: float) -> subprocess.Popen[str]:
+    env = {**os.environ, "SEGNODE_NODE__DATA_DIR": str(data), "SEGNODE_DICOM__HOST": HOST,
+           "SEGNODE_INGEST__QUIET_SECONDS": str(quiet), "SEGNODE_NODE__LOG_LEVEL": "WARNING",
+           "PYTHONPATH": str(REPO)}  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "node", "listen", "--port", str(port), "--aet", "SEGNODE"],
+        cwd=data.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    deadline = time.monotonic() + 30
+    while not port_is_open(port):
+        assert process.poll() is None, "the listener exited"
+        assert time.monotonic() < deadline, "the listener did not open its port"
+        time.sleep(0.05)
+    return process
+
+
+def test_sigkill_during_ingest_loses_no_acknowledged_instance(tmp_path: Path) -> None:
+    data, port = tmp_path / "data", free_port()
+    series = series_datasets(ramp_volume(shape=(400, 32, 32)), SeriesInfo(uid_seed="crash"))
+    node = _start_node(data, port, quiet=3600)
+    acknowledged: list[str] = []
+
+    def send() -> None:
+        assoc = scu(port)
+        for ds in series:
+            try:
+                status = assoc.send_c_store(ds)
+            except RuntimeError:  # the association is gone
+                return
+            if status.get("Status") != 0x0000:
+                return
+            acknowledged.append(ds.SOPInstanceUID)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    wait_until(lambda: len(acknowledged) >= 50)
+    node.send_signal(signal.SIGKILL)
+    node.wait()
+    sender.join(30)
+    assert 50 <= len(acknowledged) < len(series)
+
+    # Restart: the spool is reconciled, and the interrupted series is handed on by the quiet period.
+    node = _start_node(data, port, quiet=0.5)
+    try:
+        readable, _, _ = select.select([node.stdout], [], [], 30)
+        line = node.stdout.readline() if readable else ""
+    finally:
+        node.send_signal(signal.SIGTERM)
+        node.wait(30)
+    assert '"reason": "quiet"' in line and series[0].SeriesInstanceUID in line
+    spool = Spool(data)
+    rows = {r.info.sop_instance_uid: r for r in spool.instances(series[0].SeriesInstanceUID)}
+    assert set(acknowledged) <= set(rows)
+    for uid in acknowledged:
+        assert encode_instance(rows[uid].path.read_bytes()).info.sop_instance_uid == uid
+    assert list(data.rglob("*.tmp")) == []
+    spool.close()
