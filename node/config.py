@@ -43,6 +43,8 @@ class DicomSection(_Section):
     max_pdu: int = Field(default=0, ge=0)  # 0 = unlimited, fastest for large series
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    #: Wake pynetdicom's association loops on work instead of 1 ms polls (~2x faster C-STORE).
+    event_driven_waits: bool = True
 
 
 class IngestSection(_Section):

@@ -26,9 +26,9 @@ from typing import Any, Literal
 
 import numpy as np
 import pydicom
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from node import __version__
 from node.ingest import Sender
@@ -50,6 +50,8 @@ NEVER_SOP_PREFIXES = (
 )
 
 Orientation = Literal["axial", "coronal", "sagittal", "oblique"]
+#: The sender of series read from a folder by hand (``segnode rules test``).
+FILE_SENDER = Sender("file")
 
 
 # --- what a series looks like to the rules ------------------------------------------------------
@@ -68,7 +70,7 @@ class SeriesFacts:
     manufacturer: str | None = None
     instance_count: int = 0
     sop_instance_uids: tuple[str, ...] = ()
-    sender: Sender = Sender("file")
+    sender: Sender = FILE_SENDER
     #: Files that could not be read as DICOM (skipped).
     unreadable: int = 0
 
@@ -123,7 +125,7 @@ def orientation_of(iop: object) -> Orientation | None:
 
 
 def facts_from_dataset(ds: Dataset, *, instance_count: int = 1, sop_uids: tuple[str, ...] = (),
-                       sender: Sender = Sender("file"), unreadable: int = 0) -> SeriesFacts:
+                       sender: Sender = FILE_SENDER, unreadable: int = 0) -> SeriesFacts:
     try:
         image_type = tuple(str(v).strip().upper() for v in ds.get("ImageType") or ()) or None
     except Exception:
@@ -157,7 +159,7 @@ def _series_files(path: Path) -> list[Path]:
     )
 
 
-def read_facts(path: Path, sender: Sender = Sender("file"), sop_uids: list[str] | None = None) -> SeriesFacts:
+def read_facts(path: Path, sender: Sender = FILE_SENDER, sop_uids: list[str] | None = None) -> SeriesFacts:
     """Facts of the series in ``path`` (a folder of one series, or one file): attributes of the first
     readable instance; count and SOP instance UIDs of all of them (frames for one multi-frame file).
 

@@ -400,15 +400,15 @@ class OrthancServer(ServerProcess):
         return json.loads(self.request("GET", path, timeout=timeout)[1])
 
     def rest_post(self, path: str, body: Any = None, timeout: float = 120) -> Any:
-        """POST ``body`` (JSON-encoded unless bytes or str); returns the JSON answer (or None)."""
+        """POST ``body`` (JSON-encoded unless bytes or str); returns the answer, parsed if JSON."""
         if isinstance(body, bytes):
             data, content_type = body, "application/octet-stream"
         elif isinstance(body, str):
             data, content_type = body.encode(), "text/plain"
         else:
             data, content_type = json.dumps(body if body is not None else {}).encode(), "application/json"
-        _, answer = self.request("POST", path, data, {"Content-Type": content_type}, timeout)
-        return json.loads(answer) if answer.strip() else None
+        answer_type, answer = self.request("POST", path, data, {"Content-Type": content_type}, timeout)
+        return json.loads(answer) if answer_type.startswith("application/json") else answer
 
     def rest_delete(self, path: str) -> None:
         self.request("DELETE", path)

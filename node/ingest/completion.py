@@ -195,9 +195,10 @@ class CompletionTracker:
         with self._lock:
             handoffs = []
             for series_uid, series in list(self._series.items()):
-                if series.pending and now - series.last_received >= self.quiet_seconds:
+                idle = now - series.last_received
+                if series.pending and idle >= self.quiet_seconds:
                     handoffs.append(self._handoff(series, "quiet"))
-                elif not series.pending and not series.sessions and now - series.last_received >= self.forget_seconds:
+                elif not (series.pending or series.sessions) and idle >= self.forget_seconds:
                     del self._series[series_uid]
             return handoffs
 

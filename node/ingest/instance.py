@@ -66,7 +66,8 @@ def valid_uid(value: object) -> bool:
 
 #: Modalities that are never images to segment (PS3.3 C.7.3.1.1.1).
 NON_IMAGE_MODALITIES = frozenset(
-    {"SEG", "SR", "RTSTRUCT", "RTPLAN", "RTRECORD", "RTDOSE", "PR", "KO", "REG", "FID", "DOC", "PLAN", "ECG", "AU"}
+    {"SEG", "SR", "RTSTRUCT", "RTPLAN", "RTRECORD", "RTDOSE", "PR", "KO", "REG", "FID", "DOC", "PLAN", "ECG",
+     "AU"}
 )
 #: SOP class families that are never images: SR/KO, presentation states, RT, raw data/registration/
 #: segmentation, encapsulated documents, waveforms (PS3.4 B.5).
@@ -332,25 +333,28 @@ def encode_instance(
     except (_Truncated, struct.error) as exc:
         raise Refused(Status.CANNOT_UNDERSTAND, f"dataset is truncated or malformed: {exc}") from None
 
-    uids = {k: walker.text(k) for k in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID")}
+    keywords = ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID")
+    uids = {k: walker.text(k) for k in keywords}
     for keyword, value in uids.items():
         if not valid_uid(value):
             shown = repr(value[:70]) if value else "missing"
             raise Refused(Status.INVALID_UID, f"{keyword} is not a valid UID ({shown})")
     sop_class, sop_instance = uids["SOPClassUID"], uids["SOPInstanceUID"]
-    if sop_class_uid and sop_class_uid != sop_class:
-        raise Refused(Status.DOES_NOT_MATCH, f"dataset SOPClassUID {sop_class} is not the announced {sop_class_uid}")
-    if sop_instance_uid and sop_instance_uid != sop_instance:
-        raise Refused(
-            Status.DOES_NOT_MATCH, f"dataset SOPInstanceUID {sop_instance} is not the announced {sop_instance_uid}"
-        )
+    for keyword, announced, found in (
+        ("SOPClassUID", sop_class_uid, sop_class),
+        ("SOPInstanceUID", sop_instance_uid, sop_instance),
+    ):
+        if announced and announced != found:
+            message = f"dataset {keyword} {found} is not the announced {announced}"
+            raise Refused(Status.DOES_NOT_MATCH, message)
     has_pixels = walker.pixel_length is not None
     if not has_pixels and "Image Storage" in UID(sop_class).name:
         raise Refused(Status.DOES_NOT_MATCH, f"{UID(sop_class).name} instance has no pixel data")
     frames = walker.integer("NumberOfFrames") or 1
     sizes = [walker.integer(k) for k in ("BitsAllocated", "Rows", "Columns")]
     if walker.pixel_length not in (None, _UNDEFINED) and all(sizes):
-        expected = (math.prod(sizes) * (walker.integer("SamplesPerPixel") or 1) * frames + 7) // 8  # type: ignore[arg-type]
+        samples = walker.integer("SamplesPerPixel") or 1
+        expected = (math.prod(sizes) * samples * frames + 7) // 8  # type: ignore[arg-type]
         if walker.pixel_length < expected:
             raise Refused(
                 Status.DOES_NOT_MATCH,

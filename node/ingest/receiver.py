@@ -13,6 +13,8 @@ The C-STORE SCP, the STOW-RS route and file imports all do the same three things
 ``on_series_ready(SeriesReady)`` is called from the thread that ended the session, or from the
 receiver's quiet-period timer thread; it must be quick and thread-safe (queue the work). Delivery is
 at least once: a crash between the call and recording it repeats the same generation on restart.
+After a job succeeded, ``receiver.spool.remove_series(series_uid)`` deletes the series if wanted;
+``[ingest] retention_days`` removes handed-on series after that many idle days (timer, hourly).
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ from contextlib import contextmanager
 from node.config import Settings
 from node.ingest import SeriesReady, Sender
 from node.ingest.completion import CompletionTracker, Handoff
-from node.ingest.spool import Spool, StoreResult
+from node.ingest.spool import Spool, StoreResult, purge_older_than
 
 log = logging.getLogger(__name__)
 
 _sessions = itertools.count(1)
+#: How often the timer applies ``[ingest] retention_days``.
+RETENTION_CHECK_SECONDS = 3600.0
 
 
 class Receiver:
@@ -45,9 +49,11 @@ class Receiver:
         quiet_seconds: float = 60.0,
         spacing_tolerance: float = 0.01,
         poll_interval: float = 1.0,
+        retention_days: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.spool = spool
+        self.retention_days = retention_days
         self.on_series_ready = on_series_ready
         self.clock = clock
         self.poll_interval = poll_interval
@@ -70,6 +76,7 @@ class Receiver:
             on_series_ready,
             quiet_seconds=ingest.quiet_seconds,
             spacing_tolerance=settings.volume.spacing_tolerance,
+            retention_days=ingest.retention_days,
         )
 
     # --- life cycle --------------------------------------------------------------------------
@@ -92,9 +99,16 @@ class Receiver:
         self.spool.close()
 
     def _run_timer(self) -> None:
+        next_purge = time.monotonic()
         while not self._stop.wait(self.poll_interval):
             try:
                 self.poll()
+                if self.retention_days and time.monotonic() >= next_purge:
+                    next_purge = time.monotonic() + RETENTION_CHECK_SECONDS
+                    removed = purge_older_than(self.spool, self.retention_days)
+                    if removed:
+                        log.info("retention: removed %d series older than %g days", len(removed),
+                                 self.retention_days)
             except Exception:  # never let the timer die: quiet completion depends on it
                 log.exception("completion timer failed")
 
@@ -165,7 +179,8 @@ class Receiver:
             log.info(
                 "series %s ready: %s, %d instance(s), generation %d, %s from %s%s",
                 ready.series_uid, ready.reason, ready.instance_count, ready.generation, ready.modality or "?",
-                ready.sender.calling_aet or ready.sender.via, "" if ready.is_image else " (not an image series)",
+                ready.sender.calling_aet or ready.sender.via,
+                "" if ready.is_image else " (not an image series)",
             )  # fmt: skip
             if self.on_series_ready is not None:
                 try:

@@ -9,6 +9,8 @@ PS3.4 Annex A (Verification) and Annex B (Storage); PS3.7 9.1.1 (C-STORE); PS3.8
   addresses outside ``allowed_sources`` (rejected-permanent, no-reason-given).
 * The success status goes back only once the instance is fsynced into the spool; a bad instance gets
   a failure status (0xA700, 0xA900, 0xC000, 0xC010) and the association goes on.
+* Speed: Nagle off on every connection, no PDU size limit, and pynetdicom's 1 ms polling loops
+  replaced by event-driven waits (:mod:`node.ingest.reactor`, ``[dicom] event_driven_waits``).
 
 Start it with a callback for complete series::
 
@@ -33,7 +35,7 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
 from node.config import DicomSection, Settings
-from node.ingest import SeriesReady, Sender
+from node.ingest import SeriesReady, Sender, reactor
 from node.ingest.instance import Status
 from node.ingest.receiver import Receiver
 
@@ -116,7 +118,7 @@ def _session(assoc: Association, receiver: Receiver) -> str:
 def _status(status: int, comment: str) -> Dataset:
     rsp = Dataset()
     rsp.Status = status
-    rsp.ErrorComment = comment[:64]  # LO, PS3.7 Annex C
+    rsp.ErrorComment = comment.replace("\\", "/")[:64]  # LO: at most 64 characters, no backslash
     return rsp
 
 
@@ -170,6 +172,7 @@ def handle_aborted(event: evt.Event, receiver: Receiver) -> None:
     log.warning("association from %s aborted", _who(event.assoc))
     _end(event, receiver, clean=False)
 
+
 # No EVT_CONN_CLOSE handler: the peer may close right after our A-RELEASE-RP, before the reactor
 # fires EVT_RELEASED. A connection lost without either event leaves its series to the quiet period.
 
@@ -219,6 +222,8 @@ class Listener:
         return self._server.server_address[1] if self._server else self._port
 
     def start(self) -> Listener:
+        if self.config.event_driven_waits:
+            reactor.install()
         if logging.getLogger("pynetdicom").level == logging.NOTSET:
             logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # ours say what matters, without PHI
         r = self.receiver

@@ -60,7 +60,9 @@ def collect(path: Path) -> tuple[list[_Item], list[str]]:
     items, not_dicom = [], []
     if path.is_file() and zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
-            members = [(f"{path.name}:{i.filename}", archive.read(i)) for i in archive.infolist() if not i.is_dir()]
+            members = [
+                (f"{path.name}:{i.filename}", archive.read(i)) for i in archive.infolist() if not i.is_dir()
+            ]
         sources = [(name, lambda data=data: io.BytesIO(data), True) for name, data in members]
     else:
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
@@ -71,7 +73,8 @@ def collect(path: Path) -> tuple[list[_Item], list[str]]:
             if isinstance(source, Path):
                 meta = pydicom.filereader.read_file_meta_info(source)
             else:
-                meta = pydicom.dcmread(source, stop_before_pixels=True, specific_tags=["SOPClassUID"]).file_meta
+                header = pydicom.dcmread(source, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+                meta = header.file_meta
             sop_class, syntax = str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
         except Exception:
             not_dicom.append(name)
@@ -104,7 +107,8 @@ def send(
     ae.requested_contexts = [build_context(sop_class, [syntax]) for sop_class, syntax in proposed]
     assoc = ae.associate(host, port, ae_title=called_aet, evt_handlers=[(evt.EVT_CONN_OPEN, handle_open)])
     if not assoc.is_established:
-        report.error = "association rejected" if assoc.is_rejected else "association failed (refused or aborted)"
+        rejected = assoc.is_rejected
+        report.error = "association rejected" if rejected else "association failed (refused or aborted)"
         return report
     accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
     try:

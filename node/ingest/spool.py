@@ -55,9 +55,9 @@ CREATE TABLE IF NOT EXISTS instances (
 CREATE INDEX IF NOT EXISTS instances_series ON instances (series_uid);
 """
 _COLUMNS = (
-    "sop_uid, study_uid, series_uid, sop_class, modality, transfer_syntax, instance_number, acquisition_number, "
-    "position, orientation, images_in_acquisition, number_of_frames, is_image, path, size, via, calling_aet, "
-    "address, session, received, generation"
+    "sop_uid, study_uid, series_uid, sop_class, modality, transfer_syntax, instance_number, "
+    "acquisition_number, position, orientation, images_in_acquisition, number_of_frames, is_image, "
+    "path, size, via, calling_aet, address, session, received, generation"
 )
 _UPSERT = f"""
 INSERT INTO instances ({_COLUMNS}) VALUES ({", ".join("?" * 21)})
@@ -199,7 +199,8 @@ class Spool:
             return StoreResult(int(Status.OUT_OF_RESOURCES), f"spool cannot be written: {exc}", encoded.info)
         except sqlite3.Error as exc:
             log.error("spool index write failed for series %s: %s", encoded.info.series_uid, exc)
-            return StoreResult(int(Status.OUT_OF_RESOURCES), f"spool index cannot be written: {exc}", encoded.info)
+            reason = f"spool index cannot be written: {exc}"
+            return StoreResult(int(Status.OUT_OF_RESOURCES), reason, encoded.info)
 
     def _ensure_dir(self, folder: Path) -> None:
         if folder in self._dirs:
@@ -226,9 +227,8 @@ class Spool:
     def _write(self, encoded: Encoded, sender: Sender, session: str) -> StoreResult:
         info = encoded.info
         if not self._space_left(len(encoded.meta) + len(encoded.body)):
-            return StoreResult(
-                int(Status.OUT_OF_RESOURCES), f"less than {self.min_free_bytes >> 20} MB free in the spool", info
-            )
+            reason = f"less than {self.min_free_bytes >> 20} MB free in the spool"
+            return StoreResult(int(Status.OUT_OF_RESOURCES), reason, info)
         folder = self.series_folder(info.study_uid, info.series_uid)
         self._ensure_dir(folder)
         final = folder / f"{info.sop_instance_uid}.dcm"
@@ -261,7 +261,9 @@ class Spool:
             relative, size, sender.via, sender.calling_aet, sender.address, session, time.time(), 0,
         )  # fmt: skip
         with self._lock:
-            old = self._db.execute("SELECT path FROM instances WHERE sop_uid = ?", (info.sop_instance_uid,)).fetchone()
+            old = self._db.execute(
+                "SELECT path FROM instances WHERE sop_uid = ?", (info.sop_instance_uid,)
+            ).fetchone()
             self._db.execute(_UPSERT, row)
         if old and old[0] != relative:
             # The same instance now claims another study/series: keep only the newest copy.
@@ -361,7 +363,8 @@ class Spool:
             info.sop_instance_uid, info.study_uid, info.series_uid, info.sop_class_uid, info.modality,
             info.transfer_syntax, info.instance_number, info.acquisition_number, _text(info.position),
             _text(info.orientation), info.images_in_acquisition, info.number_of_frames, int(info.is_image),
-            str(file.relative_to(self.root)), file.stat().st_size, "file", "", "", "recovered", file.stat().st_mtime, 0,
+            str(file.relative_to(self.root)), file.stat().st_size, "file", "", "", "recovered",
+            file.stat().st_mtime, 0,
         )  # fmt: skip
         with self._lock:
             self._db.execute(_UPSERT, row)
@@ -385,7 +388,9 @@ class Spool:
         return count
 
 
-def purge_older_than(spool: Spool, days: float, *, now: float | None = None, handed_only: bool = True) -> list[str]:
+def purge_older_than(
+    spool: Spool, days: float, *, now: float | None = None, handed_only: bool = True
+) -> list[str]:
     """Retention: remove series whose newest instance arrived more than ``days`` ago.
 
     With ``handed_only`` (default) a series that still has instances not handed on is kept.

@@ -163,7 +163,8 @@ class JobStore:
         return self.backend.jobs(state, limit, offset)
 
     def counts(self) -> dict[str, int]:
-        return {s: self.backend.counts().get(s, 0) for s in STATES}
+        counts = self.backend.counts()
+        return {s: counts.get(s, 0) for s in STATES}
 
     def for_series(self, series_uid: str) -> list[Job]:
         jobs = [j for j in map(self.backend.load, self.backend.series_job_ids(series_uid)) if j]

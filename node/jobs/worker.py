@@ -257,6 +257,14 @@ class JobRunner:
             try:
                 hook(done, outdir)
             except Exception as exc:
-                log.exception("job %s: hook %s failed", job.id, getattr(hook, "__name__", hook))
-                self.store.mutate(job.id, lambda j: j.note("hook_failed", f"{type(exc).__name__}: {exc}") or True)
+                name = getattr(hook, "__name__", repr(hook))
+                log.exception("job %s: hook %s failed", job.id, name)
+                self._note(job.id, "hook_failed", f"{name}: {type(exc).__name__}: {exc}")
         return "done"
+
+    def _note(self, job_id: str, event: str, detail: str) -> None:
+        def change(j: Job) -> bool:
+            j.note(event, detail)
+            return True
+
+        self.store.mutate(job_id, change)

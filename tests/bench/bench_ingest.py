@@ -5,7 +5,8 @@ The same 500 CT slices of 512 x 512 (16-bit, 256 MiB) go from dcmtk ``storescu``
 receiver gets a fresh storage folder in each of three interleaved rounds (``os.sync()`` before each
 run); the best round counts. segnode runs as its own
 process (``segnode listen``), with fsync (as in production) and without (for reference). storescp
-does not fsync; Orthanc syncs its storage area (``SyncStorageArea``, default true).
+does not fsync; Orthanc syncs its storage area (``SyncStorageArea``, default true). "pynetdicom
+alone" is segnode's AE with a handler that only counts: the floor that pynetdicom sets.
 
     .venv/bin/python -m pytest tests/bench/bench_ingest.py -m bench -s
 
@@ -72,6 +73,31 @@ class _Segnode:
         self.process.wait(30)
 
 
+class _NoOpSCP:
+    """pynetdicom with segnode's AE and waits but a C-STORE handler that only counts: the floor."""
+
+    def __init__(self) -> None:
+        from pynetdicom import evt
+
+        from node.config import DicomSection
+        from node.ingest import reactor
+        from node.ingest.scp import build_ae, handle_open
+
+        reactor.install()
+        self.count = 0
+
+        def count(event) -> int:
+            self.count += 1
+            return 0x0000
+
+        handlers = [(evt.EVT_CONN_OPEN, handle_open), (evt.EVT_C_STORE, count)]
+        self.server = build_ae(DicomSection()).start_server((HOST, 0), block=False, evt_handlers=handlers)
+        self.port = self.server.server_address[1]
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
 def _run(start, received, work: Path, folder: Path) -> float:
     os.sync()  # every receiver starts with no dirty pages of the previous one to write back
     server, port, aet = start(work)
@@ -100,6 +126,10 @@ def test_ingest_speed(tmp_path: Path) -> None:
         server = StoreSCP(workdir=work).start()
         return server, server.port, server.aet
 
+    def floor(work: Path):
+        server = _NoOpSCP()
+        return server, server.port, "SEGNODE"
+
     def orthanc(work: Path):
         server = OrthancServer(workdir=work, extra_config={"Plugins": []}).start()
         return server, server.dicom_port, server.aet
@@ -109,6 +139,7 @@ def test_ingest_speed(tmp_path: Path) -> None:
         "segnode (no fsync)": (segnode(False), lambda s: s.received()),
         "dcmtk storescp": (storescp, lambda s: len(s.received_files())),
         "Orthanc": (orthanc, lambda s: s.instance_count()),
+        "pynetdicom alone": (floor, lambda s: s.count),
     }
     results: dict[str, list[float]] = {name: [] for name in receivers}
     for n in range(ROUNDS):  # interleaved, so a slow moment of the machine hits every receiver alike
@@ -123,4 +154,5 @@ def test_ingest_speed(tmp_path: Path) -> None:
     print(f"  segnode (fsync) / storescp: {ours / best['dcmtk storescp']:.2f}x  (goal <= 2)")
     print(f"  segnode (fsync) / Orthanc:  {ours / best['Orthanc']:.2f}x  (goal < 1)")
     print(f"  segnode (no fsync) / storescp: {best['segnode (no fsync)'] / best['dcmtk storescp']:.2f}x")
+    print(f"  pynetdicom alone / storescp: {best['pynetdicom alone'] / best['dcmtk storescp']:.2f}x  (the floor)")
     shutil.rmtree(folder, ignore_errors=True)

@@ -125,7 +125,7 @@ def node(tmp_path: Path) -> Iterator[Node]:
 
 
 def phantom(tmp_path: Path, size: tuple[int, int, int], seed: int) -> Path:
-    spec = PhantomSpec(size=size, spacing=tuple(f / n for f, n in zip((204.8, 204.8, 240.0), size)), seed=seed)
+    spec = PhantomSpec(size=size, spacing=tuple(f / n for f, n in zip((204.8, 204.8, 240.0), size, strict=True)), seed=seed)
     return write_phantom(spec, tmp_path / f"phantom-{seed}")["dicom"]
 
 
@@ -173,3 +173,20 @@ def test_kill_9_during_a_job_then_restart_completes_it_exactly_once(node: Node, 
     runs = list((node.data_dir / "results" / done["id"]).iterdir())
     assert runs == [Path(done["results"])]  # the killed run's folder is gone
     assert "jobs at start: 1 requeued (worker gone)" in node.log(tail=None)
+
+
+def test_serve_refuses_an_open_api_off_loopback_and_a_second_node_on_one_folder(tmp_path: Path) -> None:
+    from node.config import Settings
+    from node.serve import ServeError, _check_http, _lock
+
+    with pytest.raises(ServeError, match=r"\[http\] tokens are empty: the API would be open on 0\.0\.0\.0"):
+        _check_http(Settings(http={"host": "0.0.0.0"}))
+    _check_http(Settings(http={"host": "0.0.0.0", "tokens": {"a": "b"}}))
+    _check_http(Settings(http={"host": "::1"}))
+    held = _lock(tmp_path)
+    try:
+        with pytest.raises(ServeError, match="another segnode serve is using"):
+            _lock(tmp_path)
+    finally:
+        held.close()
+    _lock(tmp_path).close()

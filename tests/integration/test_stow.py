@@ -18,7 +18,7 @@ from node.ingest import SeriesReady
 from node.ingest.receiver import Receiver
 from node.jobs import open_store
 from node.web.app import AppContext, create_app
-from node.web.stow import split_parts, MultipartError
+from node.web.stow import MultipartError, split_parts
 from tests.integration.test_api import serve_in_thread
 from tests.unit.test_series import ramp_volume
 

@@ -16,13 +16,13 @@ import pytest
 
 from node.config import Settings
 from node.dicom.series import VolumeError
+from node.dicom.writer import SeriesInfo, write_series
 from node.ingest import Sender, SeriesReady
 from node.jobs import Router, job_key, open_store, reconcile
 from node.jobs.queue import JobQueue, make_huey
 from node.jobs.store import Job, JobStore
 from node.jobs.worker import JobRunner, StageClock, build_request, overall_progress
 from node.pipeline import PipelineError, ProgressEvent
-from node.dicom.writer import SeriesInfo, write_series
 from node.rules import Match, PipelineSpec, Rule
 from node.segment import SegmentationError
 from tests.unit.test_series import ramp_volume
@@ -152,7 +152,9 @@ class QueueContract:
         assert events(done) == ["queued", "running", "done"]
         assert (Path(done.results) / "seg.dcm").read_bytes() == b"SEG"
         assert Path(done.results).parent == Path(env.settings.node.data_dir) / "results" / done.id
-        assert env.pipeline.calls == [str(ready.folder)] and env.hooked == [done.id]
+        assert env.pipeline.calls == [str(ready.folder)]
+        wait_for(lambda: env.hooked)  # hooks run just after the job is marked done
+        assert env.hooked == [done.id]
         assert env.store.counts() == {"queued": 0, "running": 0, "done": 1, "failed": 0, "superseded": 0}
         (seen,) = env.store.series()
         assert (seen["series_uid"], seen["job_id"], seen["rule"]) == (ready.series_uid, done.id, "ct")
@@ -200,6 +202,7 @@ class QueueContract:
         assert (old.state, old.results) == ("superseded", None)
         assert events(old) == ["queued", "running", "superseded"]
         assert not (Path(env.settings.node.data_dir) / "results" / first.id).exists()
+        wait_for(lambda: env.hooked)
         assert env.hooked == [second.id]
 
     def test_transient_errors_are_retried_with_backoff(self, env: Env, tmp_path: Path) -> None:
@@ -254,6 +257,7 @@ class QueueContract:
         # The dead run can neither report nor finish any more.
         assert not env.store.progress(job.id, dead.run_id, "segment", 0.5)
         assert not env.store.finish(job.id, dead.run_id, "elsewhere", {})
+        wait_for(lambda: env.hooked)
         assert env.hooked == [job.id]
         # A second message for a done job does nothing.
         env.queue.enqueue(job.id)
@@ -374,3 +378,19 @@ def test_request_from_rule_and_settings(env: Env, tmp_path: Path) -> None:
     assert request.stage_options == {"liver_vessels": {"min_component_size": 50}}
     assert [overall_progress(s, 1, 2) for s in ("load", "segment", "liver_vessels", "write")] == [
         0.085, 0.475, 0.85, 0.95]
+
+
+def test_a_failing_hook_is_noted_and_the_job_stays_done(tmp_path: Path) -> None:
+    for env in make_env(tmp_path):
+        def broken(job: Job, results: Path) -> None:
+            raise RuntimeError("outbox unreachable")
+
+        runner = JobRunner(env.store, env.settings, pipeline=env.pipeline, request=lambda job, s: job.pipeline,
+                           hooks=(broken,))
+        job = env.router.on_series_ready(series(tmp_path))
+        assert runner.run(job.id) == "done"
+        assert runner.run(job.id) is None  # a done job is never claimed again
+        done = env.store.get(job.id)
+        assert done.state == "done"
+        assert done.history[-1]["event"] == "hook_failed"
+        assert done.history[-1]["detail"] == "broken: RuntimeError: outbox unreachable"

@@ -229,9 +229,9 @@ def test_rules_test_command_shows_each_condition(series: Path, tmp_path: Path) -
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
         f"rules: {rules}",
-        "series: modality=CT, sop_class=1.2.840.10008.5.1.4.1.1.2, body_part=ABDOMEN, "
-        "series_description=Abd PV 2.5mm, slice_thickness=2.5, slices=6, "
-        "image_type=['ORIGINAL', 'PRIMARY', 'AXIAL'], orientation=axial, calling_aet=CT1, via=dimse",
+        ("series: modality=CT, sop_class=1.2.840.10008.5.1.4.1.1.2, body_part=ABDOMEN, "
+         "series_description=Abd PV 2.5mm, slice_thickness=2.5, slices=6, "
+         "image_type=['ORIGINAL', 'PRIMARY', 'AXIAL'], orientation=axial, calling_aet=CT1, via=dimse"),
         "rule thin: no match",
         "  pass  modality: Modality CT in ['CT']",
         "  FAIL  slice_thickness: SliceThickness 2.5 outside [0.5, 1.5]",

@@ -98,11 +98,12 @@ def test_is_image(sop_class, modality, pixels, expected) -> None:
 
 
 def test_file_meta_is_what_pydicom_reads() -> None:
-    meta = pydicom.dcmread(io.BytesIO(file_meta("1.2.3", "1.2.3.4", ExplicitVRLittleEndian, "AET1"))).file_meta
+    encoded = file_meta("1.2.3", "1.2.3.4", ExplicitVRLittleEndian, "AET1")
+    meta = pydicom.dcmread(io.BytesIO(encoded)).file_meta
     assert (meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID) == (
         "1.2.3", "1.2.3.4", ExplicitVRLittleEndian)
     assert meta.SourceApplicationEntityTitle == "AET1"
-    assert meta.FileMetaInformationGroupLength == len(file_meta("1.2.3", "1.2.3.4", ExplicitVRLittleEndian, "AET1")) - 144
+    assert meta.FileMetaInformationGroupLength == len(encoded) - 144  # preamble, DICM, the length element
 
 
 # --- storing ------------------------------------------------------------------------------------
@@ -211,7 +212,8 @@ def test_truncated_anywhere_is_refused_with_cannot_understand(spool: Spool) -> N
 
 def test_image_cut_before_its_pixel_data_does_not_match_its_class(spool: Spool) -> None:
     data = bare(datasets(1)[0])
-    result = spool.store(data[: data.index(b"\xe0\x7f\x10\x00")], SENDER, transfer_syntax=ExplicitVRLittleEndian, session="s")
+    cut = data[: data.index(b"\xe0\x7f\x10\x00")]
+    result = spool.store(cut, SENDER, transfer_syntax=ExplicitVRLittleEndian, session="s")
     assert result.status == Status.DOES_NOT_MATCH
     assert "no pixel data" in result.reason
 
@@ -236,11 +238,12 @@ def test_short_pixel_data_does_not_match(spool: Spool) -> None:
 def test_announced_class_or_instance_must_match(spool: Spool) -> None:
     ds = datasets(1)[0]
     data = bare(ds)
-    wrong_class = spool.store(data, SENDER, transfer_syntax=ExplicitVRLittleEndian, sop_class_uid="1.2.840.10008.5.1.4.1.1.4", session="s")
-    wrong_instance = spool.store(data, SENDER, transfer_syntax=ExplicitVRLittleEndian, sop_instance_uid="1.2.3", session="s")
-    right = spool.store(data, SENDER, transfer_syntax=ExplicitVRLittleEndian, sop_class_uid=ds.SOPClassUID,
-                        sop_instance_uid=ds.SOPInstanceUID, session="s")
-    assert [wrong_class.status, wrong_instance.status, right.status] == [Status.DOES_NOT_MATCH, Status.DOES_NOT_MATCH, 0]
+    def store(**announced):
+        return spool.store(data, SENDER, transfer_syntax=ExplicitVRLittleEndian, session="s", **announced).status
+
+    assert store(sop_class_uid="1.2.840.10008.5.1.4.1.1.4") == Status.DOES_NOT_MATCH
+    assert store(sop_instance_uid="1.2.3") == Status.DOES_NOT_MATCH
+    assert store(sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID) == Status.SUCCESS
 
 
 def test_not_part10_and_garbage(spool: Spool) -> None:
