@@ -17,10 +17,7 @@ bench: setup
 	$(PY) -m pytest -m bench tests/bench -s
 
 demo: setup
-	.venv/bin/segnode phantom $(DEMO)/phantom
-	.venv/bin/segnode volume-info $(DEMO)/phantom/dicom
-	.venv/bin/segnode convert $(DEMO)/phantom/dicom $(DEMO)/phantom-ct.nii.gz
-	@echo "demo: outputs in $(DEMO)/"
+	@DEMO_OUT=$(DEMO) scripts/demo.sh
 
 clean:
 	rm -rf $(DEMO) .pytest_cache
