@@ -329,6 +329,9 @@ def run(
     option: Annotated[
         Optional[list[str]], typer.Option("--option", help="Engine option KEY=VALUE, e.g. vessel_hu=120 (repeatable).")
     ] = None,
+    output: Annotated[
+        Optional[list[str]], typer.Option("--output", help="Extra output by name, e.g. seg (repeatable).")
+    ] = None,
 ) -> None:
     """Segment a series: load, engine, post-processing; labels, classes, stats and report.json in OUTDIR."""
     import re
@@ -359,7 +362,7 @@ def run(
         config, engine=engine, task=task, fast=fast or None, fastest=fastest or None,
         roi_subset=[n for value in roi_subset or [] for n in value.replace(",", " ").split()],
         robust_crop=robust_crop or None, device=device, labels_path=labels, options=options,
-        post=post or (), series_uid=series,
+        post=post or (), series_uid=series, outputs=output or (),
     )
     with Progress(
         SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -74,6 +74,12 @@ STAGES: dict[str, str] = {
     "liver_vessels": "node.segment.vessels:liver_vessels_stage",
 }
 
+#: Outputs a rule or ``--output`` can ask for beyond the standard files (always written: labels NIfTI,
+#: classes, stats, report). Each is a stage run after the labels are final; it adds ``ctx.artifacts``.
+OUTPUT_STAGES: dict[str, str] = {}
+#: Output names that are always written and need no stage.
+STANDARD_OUTPUTS = ("labels", "nifti", "classes", "stats", "report")
+
 
 class StageSkipped(Exception):
     """Raised by a stage that does not apply to this input; recorded with its reason, the run goes on."""
@@ -107,6 +113,8 @@ class PipelineRequest:
     post: tuple[str | Stage, ...] = ()
     #: Options per stage name, e.g. ``{"liver_vessels": {"min_component_size": 50}}``.
     stage_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Extra outputs by name (:data:`OUTPUT_STAGES`), e.g. ``("seg", "meshes")``.
+    outputs: tuple[str, ...] = ()
 
 
 def request_from_settings(
@@ -124,6 +132,7 @@ def request_from_settings(
     post: tuple[str | Stage, ...] | list[str | Stage] = (),
     stage_options: dict[str, dict[str, Any]] | None = None,
     series_uid: str | None = None,
+    outputs: tuple[str, ...] | list[str] = (),
 ) -> PipelineRequest:
     """A request from the node's settings (``[segmentation]``, ``[volume]``); what is given wins.
 
@@ -148,6 +157,7 @@ def request_from_settings(
         spacing_tolerance=settings.volume.spacing_tolerance,
         post=tuple(post),
         stage_options=dict(stage_options or {}),
+        outputs=tuple(o for o in outputs if o not in STANDARD_OUTPUTS),
     )
 
 
@@ -159,6 +169,8 @@ class PipelineContext:
     labels: LabelVolume
     request: PipelineRequest
     outdir: Path
+    #: The DICOM folder/zip/file the CT came from (None for a NIfTI or in-memory input).
+    source_path: Path | None = None
     #: QC and stage metadata by stage name; goes into report.json as ``qc``.
     qc: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -328,19 +340,25 @@ def run_pipeline(
             engine = get_engine(request.segment.engine)
             labels = engine.segment(ct, request.segment)
             labels = _checked(labels, ct, request.segment)
-        ctx = PipelineContext(ct=ct, labels=labels, request=request, outdir=outdir)
+        source_path = None if isinstance(input, Volume) or str(input).endswith((".nii", ".nii.gz")) else Path(input)
+        ctx = PipelineContext(ct=ct, labels=labels, request=request, outdir=outdir, source_path=source_path)
         ctx.notes.extend(labels.notes)
         for stage in request.post:
             name = _stage_name(stage)
             with run.stage(name):
                 ctx.stage = name
-                _resolve(stage)(ctx)
+                _resolve(stage, STAGES, "post-processing stage")(ctx)
                 _check_stage_output(ctx, name)
             ctx.stage = ""
         with run.stage("write"):
             report["structures"] = _structures(ctx.labels, ct)
             paths.update(_write_outputs(ctx, report["structures"]))
-            paths.update(ctx.artifacts)
+        for name in request.outputs:
+            with run.stage(name):
+                ctx.stage = name
+                _resolve(name, OUTPUT_STAGES, "output")(ctx)
+            ctx.stage = ""
+        paths.update(ctx.artifacts)
         report["state"] = "done"
     except _Failure as failure:
         report["state"] = "failed"
@@ -441,14 +459,14 @@ def _stage_name(stage: str | Stage) -> str:
     return str(getattr(stage, "name", None) or getattr(stage, "__name__", type(stage).__name__))
 
 
-def _resolve(stage: str | Stage) -> Stage:
+def _resolve(stage: str | Stage, registry: dict[str, str], kind: str) -> Stage:
     if not isinstance(stage, str):
         return stage
-    if stage not in STAGES:
+    if stage not in registry:
         raise SegmentationError(
-            "unknown_stage", f"no post-processing stage called {stage!r}; known: {', '.join(STAGES)}"
+            "unknown_stage", f"no {kind} called {stage!r}; known: {', '.join(registry) or 'none yet'}"
         )
-    module_name, _, attr = STAGES[stage].partition(":")
+    module_name, _, attr = registry[stage].partition(":")
     try:
         return getattr(importlib.import_module(module_name), attr)  # type: ignore[no-any-return]
     except Exception as exc:

@@ -86,22 +86,20 @@ def default_pipeline(input_path: Path, outdir: Path, request: Any, progress: Cal
 
 def build_request(job: Job, settings: Settings) -> Any:
     """The pipeline request of a job: the rule's pipeline over the ``[segmentation]`` settings."""
-    from node.pipeline import PipelineRequest
-    from node.segment import SegmentRequest
+    from node.pipeline import request_from_settings
 
-    spec, seg = job.pipeline, settings.segmentation
-    return PipelineRequest(
-        segment=SegmentRequest(
-            engine=spec.get("engine") or seg.engine, task=spec.get("task") or seg.task,
-            fast=seg.fast if spec.get("fast") is None else bool(spec["fast"]),
-            roi_subset=tuple(spec.get("roi_subset") or ()), device=seg.device, threads=seg.threads,
-            weights_dir=seg.weights_dir or Path(settings.node.data_dir) / "totalsegmentator",
-            options=dict(spec.get("options") or {}),
-        ),
-        series_uid=job.series_uid,
-        spacing_tolerance=settings.volume.spacing_tolerance,
-        post=tuple(spec.get("post") or ()),
+    spec = job.pipeline
+    return request_from_settings(
+        settings,
+        engine=spec.get("engine"),
+        task=spec.get("task"),
+        fast=spec.get("fast"),
+        roi_subset=spec.get("roi_subset"),
+        options=spec.get("options"),
+        post=spec.get("post") or (),
         stage_options={k: dict(v) for k, v in (spec.get("stage_options") or {}).items()},
+        series_uid=job.series_uid,
+        outputs=spec.get("outputs") or (),
     )
 
 

@@ -31,7 +31,8 @@ def phantom(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def request(engine: str = "threshold", **kwargs) -> PipelineRequest:
     post = kwargs.pop("post", ())
-    return PipelineRequest(segment=SegmentRequest(engine=engine, **kwargs), post=post)
+    outputs = kwargs.pop("outputs", ())
+    return PipelineRequest(segment=SegmentRequest(engine=engine, **kwargs), post=post, outputs=outputs)
 
 
 def test_threshold_run_writes_labels_on_the_series_grid_and_a_report(phantom, tmp_path) -> None:
@@ -235,3 +236,25 @@ def test_request_from_settings_takes_config_defaults_and_given_values_win() -> N
     req = request_from_settings(config, engine="threshold", fastest=True, roi_subset=["liver"], post=["x"])
     assert (req.segment.engine, req.segment.fast, req.segment.fastest) == ("threshold", False, True)
     assert req.segment.roi_subset == ("liver",) and req.post == ("x",)
+
+
+def write_marker_output(ctx) -> None:
+    """An output stage for the test below: one file beside the standard outputs."""
+    path = ctx.outdir / "marker.txt"
+    path.write_text(f"{ctx.source_path.name} {len(ctx.labels.classes)}")
+    ctx.artifacts["marker"] = path
+
+
+def test_output_stages_run_after_the_labels_and_unknown_ones_fail(phantom, tmp_path, monkeypatch) -> None:
+    import node.pipeline as pipeline
+
+    monkeypatch.setitem(pipeline.OUTPUT_STAGES, "marker", "tests.unit.test_pipeline:write_marker_output")
+    result = run_pipeline(phantom["dicom"], tmp_path / "a", request(outputs=("marker",)))
+    assert result.ok
+    assert result.report["outputs"]["marker"] == "marker.txt"
+    assert (tmp_path / "a" / "marker.txt").read_text() == f"dicom {len(result.labels.classes)}"
+    assert [s["name"] for s in result.report["stages"]] == ["load", "segment", "write", "marker"]
+    failed = run_pipeline(phantom["dicom"], tmp_path / "b", request(outputs=("nope",)))
+    assert failed.state == "failed"
+    assert failed.error.code == "unknown_stage"
+    assert failed.error.message.startswith("no output called 'nope'")
