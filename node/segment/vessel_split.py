@@ -12,16 +12,20 @@ How it works (``use_skeleton=True``, the default):
    about 1 per mm along an ordinary vessel, much more through the narrow waist where two vessels
    merely touch.
 3. **Skeleton graph**: the mask is skeletonised (Lee); skeleton voxels with 3+ neighbours form
-   junctions; junctions joined by a branch shorter than a vessel diameter are merged into one
-   *complex* (two vessels crossing give two T-junctions a diameter apart: one complex with four
-   arms), short dead-end spurs are folded into their complex. Each arm gets an outward direction.
-4. **Propagation**: per tree, a Dijkstra over arms: the cost of a path is its cost along branches
-   plus, at every complex, a turn penalty ``turn_penalty_mm * (1 - cos(turn angle))``: going
-   straight through a crossing is free, turning into the other vessel costs as much as ``turn_penalty_mm``
-   of vessel at 90 degrees. Inside each branch the two trees meet where their costs are equal
-   (so a branch that two trees reach from both ends is cut at its narrowest, most expensive part).
-   Each skeleton voxel takes the cheaper tree; each vessel voxel takes the label of its nearest
-   skeleton voxel (geodesically, inside the mask).
+   junctions, the chains between them branches. Short dead-end spurs fold into their junction; two
+   3-way junctions joined by a short branch as thick as the vessels there fold into one 4-arm
+   *complex* (the skeleton of two vessels crossing: two T-junctions about a diameter apart). Each arm
+   (a branch end at a complex) gets an outward direction; going across a complex from one arm to
+   another costs the way between them (a large junction is no free shortcut).
+4. **Propagation**: per tree, a Dijkstra over arms: the cost of a path is its cost along branches,
+   plus ``crossing_penalty_mm`` for leaving one straight pair of a crossing for the other (a
+   complex of four arms making two straight pairs), and as much for a *lateral* branch, one that
+   enters the side of a vessel running straight through at both its ends (a leak between two
+   vessels: a tree's own branches end in their bifurcation, or nowhere). A turn at a bifurcation
+   costs nothing: trees turn all the time. Inside each branch the two trees meet where their costs
+   are equal (a branch that both reach is cut at its narrowest, most expensive part). Each skeleton
+   voxel takes the cheaper tree; each vessel voxel the label of its nearest skeleton voxel
+   (geodesically, inside the mask).
 
 With ``use_skeleton=False`` step 3-4 are replaced by a competitive Dijkstra over all vessel voxels
 with the cost of step 2 (fronts grow from both seed sets; each voxel goes to the cheaper one).
@@ -54,9 +58,6 @@ OFFSETS = tuple(o for o in product((-1, 0, 1), repeat=3) if o > (0, 0, 0))
 CUBE = np.ones((3, 3, 3), bool)
 #: Arms whose directions are within 35 degrees of a straight line continue each other.
 STRAIGHT_COS = float(np.cos(np.radians(35.0)))
-#: The cost of switching vessels at a crossing: more than any path (a front that switched loses to
-#: any front that did not).
-SWITCH = 1e6
 
 
 @dataclass
@@ -90,7 +91,8 @@ class VoxelGraph:
             if both.any():
                 us.append(index[src][both])
                 vs.append(index[dst][both])
-                lengths.append(np.full(vs[-1].size, float(np.linalg.norm(np.multiply(off, spacing))), np.float32))
+                step = float(np.linalg.norm(np.multiply(off, spacing)))
+                lengths.append(np.full(vs[-1].size, step, np.float32))
         self.u = np.concatenate(us) if us else np.zeros(0, np.int32)
         self.v = np.concatenate(vs) if vs else np.zeros(0, np.int32)
         self.length = np.concatenate(lengths) if lengths else np.zeros(0, np.float32)
@@ -126,7 +128,8 @@ class VoxelGraph:
         return sp.csr_array((np.maximum(w, _EPS), (u, v)), shape=(n, n))
 
 
-def _from_sources(graph: sp.csr_array, sources: np.ndarray, limit: float = np.inf) -> tuple[np.ndarray, np.ndarray]:
+def _from_sources(graph: sp.csr_array, sources: np.ndarray,
+                  limit: float = np.inf) -> tuple[np.ndarray, np.ndarray]:
     """Distance to, and index of, the nearest of ``sources`` for every node (-9999: unreachable)."""
     if sources.size == 0:
         n = graph.shape[0]
@@ -147,7 +150,7 @@ def _super_dist(graph_with_super: sp.csr_array) -> np.ndarray:
 
 def split_arrays(vessels: np.ndarray, portal_support: np.ndarray, hepatic_support: np.ndarray,
                  spacing_kji: tuple[float, float, float], *, use_skeleton: bool = True,
-                 seed_distance_mm: float = 3.0, max_gap_mm: float = 10.0, turn_penalty_mm: float = 20.0,
+                 seed_distance_mm: float = 3.0, max_gap_mm: float = 10.0, crossing_penalty_mm: float = 30.0,
                  min_split_component_size: int = 20) -> SplitArrays:
     """Label each voxel of ``vessels`` portal (1) or hepatic (2); see the module docstring."""
     vessels = np.asarray(vessels, bool)
@@ -161,8 +164,8 @@ def split_arrays(vessels: np.ndarray, portal_support: np.ndarray, hepatic_suppor
 
     # Crop to the vessels, with room for the seed distance.
     pad = np.ceil(max(seed_distance_mm, float(np.linalg.norm(spacing))) / spacing).astype(int) + 1
-    nz = np.nonzero(vessels.any(axis=(1, 2))), np.nonzero(vessels.any(axis=(0, 2))), np.nonzero(vessels.any(axis=(0, 1)))
-    box = tuple(slice(max(0, int(a[0][0]) - p), min(n, int(a[0][-1]) + p + 1))
+    nz = [np.flatnonzero(vessels.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1))]
+    box = tuple(slice(max(0, int(a[0]) - p), min(n, int(a[-1]) + p + 1))
                 for a, p, n in zip(nz, pad, vessels.shape))
     v = vessels[box]
     graph = VoxelGraph(v, spacing)
@@ -182,8 +185,9 @@ def split_arrays(vessels: np.ndarray, portal_support: np.ndarray, hepatic_suppor
 
     # 3-4. Propagation.
     if use_skeleton:
-        node_labels, skel_nodes, sq = _skeleton_split(v, graph, node_radius, seeds, spacing, turn_penalty_mm)
-        qc.update(sq)
+        node_labels, skel_nodes, skel_qc = _skeleton_split(v, graph, node_radius, seeds, spacing,
+                                                           crossing_penalty_mm)
+        qc.update(skel_qc)
     else:
         r_ref = float(np.median(node_radius))
         cost = (r_ref / node_radius) ** 2
@@ -230,7 +234,8 @@ def _counts(labels: np.ndarray, vessels: np.ndarray, portal_seeds: int, hepatic_
     if total:
         for name, n in (("portal", portal), ("hepatic", hepatic)):
             if n / total < 0.05:
-                warnings.append(f"{name} fraction {n / total:.3f} is below 0.05: the {name} seeds probably failed")
+                warnings.append(f"{name} fraction {n / total:.3f} is below 0.05: "
+                                f"the {name} seeds probably failed")
     else:
         warnings.append("no vessel voxels to split")
     if total and not portal_seeds:
@@ -289,19 +294,34 @@ def _build_skeleton(skel: np.ndarray, radius: np.ndarray, spacing: np.ndarray) -
     pairs = np.unique(att[:, :2], axis=0)  # (branch, cluster), sorted by branch
     ends = np.bincount(pairs[:, 0], minlength=n_branch)
 
-    # Short branches hanging on a cluster are part of it: a branch between two clusters closer than a
-    # vessel diameter (two vessels crossing), a dead-end spur, a small loop.
+    # Short dead ends (spurs, small loops) are part of their cluster. Two 3-way clusters joined by a
+    # short branch as thick as the vessels there are one 4-arm complex: two vessels crossing (skeletons
+    # of an X have two T-junctions about a diameter apart). A thinner branch is a waist where two
+    # vessels merely touch: it stays a branch, with its cost.
     in_branch = ~junction[sg.u] & ~junction[sg.v]
     length = np.bincount(branch_of[sg.u[in_branch]], weights=sg.length[in_branch], minlength=n_branch)
     length += spacing.min()
+    thinnest = np.full(n_branch, np.inf)
+    np.minimum.at(thinnest, branch_of[~junction], radius[~junction])
     j_radius = np.zeros(n_junc)
     np.maximum.at(j_radius, junc_of[junction], radius[junction])
-    short = length[pairs[:, 0]] < 2.0 * j_radius[pairs[:, 1]] + 2.0 * spacing.max()
-    internal = np.zeros(n_branch, bool)
-    internal[pairs[short, 0]] = True
-    bridge = internal[pairs[:, 0]] & (ends[pairs[:, 0]] == 2)
-    first = np.flatnonzero(bridge)[::2]  # pairs are sorted by branch: a bridge's two clusters are adjacent rows
-    links = sp.csr_array((np.ones(first.size), (pairs[first, 1], pairs[first + 1, 1])), shape=(n_junc, n_junc))
+    r_at = j_radius[pairs[:, 1]]
+    short_pair = length[pairs[:, 0]] < 2.0 * r_at + 2.0 * spacing.min()
+    short = np.zeros(n_branch, bool)
+    short[pairs[short_pair, 0]] = True
+    spur = short & (ends == 1)
+    arms_per_cluster = np.bincount(pairs[~spur[pairs[:, 0]], 1], minlength=n_junc)
+    thick = np.ones(n_branch, bool)
+    np.logical_and.at(thick, pairs[:, 0], thinnest[pairs[:, 0]] >= 0.6 * r_at)
+    bridge_rows = np.flatnonzero(short[pairs[:, 0]] & (ends[pairs[:, 0]] == 2) & thick[pairs[:, 0]])
+    first = bridge_rows[::2]  # pairs are sorted by branch: a branch's two clusters are adjacent rows
+    c1, c2 = pairs[first, 1], pairs[first + 1, 1]
+    uses = np.bincount(np.concatenate([c1, c2]), minlength=n_junc)
+    ok = (arms_per_cluster[c1] == 3) & (arms_per_cluster[c2] == 3) & (uses[c1] == 1) & (uses[c2] == 1)
+    crossing = pairs[first[ok], 0]
+    internal = spur.copy()
+    internal[crossing] = True
+    links = sp.csr_array((np.ones(int(ok.sum())), (c1[ok], c2[ok])), shape=(n_junc, n_junc))
     n_cx, cx_of_cluster = connected_components(links, directed=False)
     cx_of = np.full(sg.n, -1, np.int64)
     cx_of[junction] = cx_of_cluster[junc_of[junction]]
@@ -342,15 +362,14 @@ def _build_skeleton(skel: np.ndarray, radius: np.ndarray, spacing: np.ndarray) -
 
 
 def _arm_dijkstra(sk: _Skeleton, travel: np.ndarray, seed_arrival: np.ndarray, seeded_cx: np.ndarray,
-                  turn_penalty_mm: float) -> tuple[np.ndarray, np.ndarray]:
+                  transit: dict[int, np.ndarray],
+                  crossing_penalty_mm: float) -> tuple[np.ndarray, np.ndarray]:
     """One tree's cheapest *arrival* at each complex through each arm, and *entry* into each arm's
-    branch from its complex (arrival through another arm + the turn penalty)."""
+    branch from its complex (arrival through another arm + the way across the complex + the
+    crossing penalty)."""
     n_arm = sk.arm_branch.size
-    arms_of_cx: dict[int, list[int]] = {}
-    arms_of_branch: dict[int, list[int]] = {}
-    for a in range(n_arm):
-        arms_of_cx.setdefault(int(sk.arm_cx[a]), []).append(a)
-        arms_of_branch.setdefault(int(sk.arm_branch[a]), []).append(a)
+    arms_of_cx, arms_of_branch = _arm_tables(sk)
+    lateral = _lateral_branches(sk, arms_of_cx, arms_of_branch)
     arrival = seed_arrival.copy()
     entry = np.full(n_arm, np.inf)
     heap = [(float(c), a) for a, c in enumerate(arrival) if np.isfinite(c)]
@@ -363,7 +382,7 @@ def _arm_dijkstra(sk: _Skeleton, travel: np.ndarray, seed_arrival: np.ndarray, s
         entry[b] = e
         for b2 in arms_of_branch[int(sk.arm_branch[b])]:
             if sk.arm_cx[b2] != sk.arm_cx[b]:
-                t = e + abs(travel[b2] - travel[b])
+                t = e + abs(travel[b2] - travel[b]) + crossing_penalty_mm * lateral[int(sk.arm_branch[b])]
                 if t < arrival[b2]:
                     arrival[b2] = t
                     heapq.heappush(heap, (t, b2))
@@ -371,7 +390,8 @@ def _arm_dijkstra(sk: _Skeleton, travel: np.ndarray, seed_arrival: np.ndarray, s
     for c in seeded_cx:
         for b in arms_of_cx.get(int(c), []):
             enter(b, 0.0)
-    penalty = {c: _turn_penalties(sk.arm_dir[arms], turn_penalty_mm) for c, arms in arms_of_cx.items()}
+    penalty = {c: transit[c] + _crossing_penalties(sk.arm_dir[arms], crossing_penalty_mm)
+               for c, arms in arms_of_cx.items()}
     done = np.zeros(n_arm, bool)
     while heap:
         c, a = heapq.heappop(heap)
@@ -387,22 +407,74 @@ def _arm_dijkstra(sk: _Skeleton, travel: np.ndarray, seed_arrival: np.ndarray, s
     return arrival, entry
 
 
-def _turn_penalties(directions: np.ndarray, turn_penalty_mm: float) -> np.ndarray:
-    """Cost of turning from arm a into arm b at one complex (``directions``: unit vectors away from it).
+def _arm_tables(sk: _Skeleton) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+    """Arms by complex and by branch."""
+    arms_of_cx: dict[int, list[int]] = {}
+    arms_of_branch: dict[int, list[int]] = {}
+    for a in range(sk.arm_branch.size):
+        arms_of_cx.setdefault(int(sk.arm_cx[a]), []).append(a)
+        arms_of_branch.setdefault(int(sk.arm_branch[a]), []).append(a)
+    return arms_of_cx, arms_of_branch
 
-    ``turn_penalty_mm * (1 - cos(turn))``, and :data:`SWITCH` more for leaving a straight pair for
-    another straight pair: the signature of two vessels crossing (a bifurcation's children are not
-    straight continuations of each other, so following a tree is never a switch)."""
-    cos_turn = -directions @ directions.T  # 1: b continues a straight on
-    np.fill_diagonal(cos_turn, -1.0)
-    straight = cos_turn >= STRAIGHT_COS
-    paired = straight.any(axis=1)
-    switch = ~straight & paired[:, None] & paired[None, :]
-    return turn_penalty_mm * (1.0 - cos_turn) + SWITCH * switch
+
+def _transit_costs(sk: _Skeleton, s_cost: np.ndarray, batch: int = 256) -> dict[int, np.ndarray]:
+    """Per complex, the cost from each arm's attachment voxel to each other's across the complex
+    (junction voxels and folded branches): a large junction is no free shortcut."""
+    arms_of_cx, _ = _arm_tables(sk)
+    inside = sk.cx_of >= 0
+    inside[sk.arm_voxel] = True
+    nodes = np.flatnonzero(inside)
+    sub = sk.sg.matrix(s_cost, keep=inside)[nodes][:, nodes]
+    at = np.full(sk.sg.n, -1, np.int64)
+    at[nodes] = np.arange(nodes.size)
+    starts = at[sk.arm_voxel]
+    transit = {c: np.zeros((len(arms), len(arms))) for c, arms in arms_of_cx.items()}
+    order = np.argsort(sk.arm_cx, kind="stable")  # a batch holds whole complexes as far as it can
+    for lo in range(0, order.size, batch):
+        arms = order[lo:lo + batch]
+        d = dijkstra(sub, directed=False, indices=starts[arms])
+        for row, a in zip(d, arms):
+            c = int(sk.arm_cx[a])
+            peers = arms_of_cx[c]
+            transit[c][peers.index(a)] = row[starts[peers]]
+    for m in transit.values():
+        m[~np.isfinite(m)] = 0.0  # arms that touch the complex only through each other's voxel
+    return transit
+
+
+def _lateral_branches(sk: _Skeleton, arms_of_cx: dict[int, list[int]],
+                      arms_of_branch: dict[int, list[int]]) -> dict[int, bool]:
+    """Branches that enter the side of a vessel running straight through at both ends: a leak between
+    two vessels (a tree's branch ends in its own bifurcation, or nowhere)."""
+    side = np.zeros(sk.arm_branch.size, bool)
+    for arms in arms_of_cx.values():
+        if len(arms) < 3:
+            continue
+        d = sk.arm_dir[arms]
+        straight = -d @ d.T >= STRAIGHT_COS
+        np.fill_diagonal(straight, False)
+        for x in range(len(arms)):
+            others = np.delete(np.delete(straight, x, axis=0), x, axis=1)
+            side[arms[x]] = not straight[x].any() and bool(others.any())
+    return {b: len(arms) == 2 and bool(side[arms].all()) for b, arms in arms_of_branch.items()}
+
+
+def _crossing_penalties(directions: np.ndarray, crossing_penalty_mm: float) -> np.ndarray:
+    """Cost of going from arm a into arm b of one complex (``directions``: unit vectors away from it):
+    ``crossing_penalty_mm`` for leaving one straight pair for the other where the four arms make two
+    straight pairs (two vessels crossing), else nothing."""
+    penalty = np.zeros((len(directions), len(directions)))
+    if len(directions) == 4:
+        cos_turn = -directions @ directions.T  # 1: b continues a straight on
+        np.fill_diagonal(cos_turn, -1.0)
+        straight = cos_turn >= STRAIGHT_COS
+        if (straight.sum(axis=1) == 1).all():
+            penalty[~straight] = crossing_penalty_mm
+    return penalty
 
 
 def _skeleton_split(v: np.ndarray, graph: VoxelGraph, node_radius: np.ndarray, seeds: dict[int, np.ndarray],
-                    spacing: np.ndarray, turn_penalty_mm: float):
+                    spacing: np.ndarray, crossing_penalty_mm: float):
     """Steps 3-4 of the module docstring. Returns labels per vessel node, the skeleton's vessel-graph
     nodes, their labels, and QC."""
     from skimage.morphology import skeletonize
@@ -433,6 +505,7 @@ def _skeleton_split(v: np.ndarray, graph: VoxelGraph, node_radius: np.ndarray, s
     d_first, _ = _from_sources(branch_cost, sk.arm_voxel[first])
     travel = d_first[sk.arm_voxel] if n_arm else np.zeros(0)
 
+    transit = _transit_costs(sk, s_cost)
     # Seeds on the skeleton: the nearest skeleton voxel of each seed voxel; ambiguous ones dropped.
     seed_skel = {lab: np.unique(skel_at[nearest[s][nearest[s] >= 0]]) for lab, s in seeds.items()}
     both = np.intersect1d(seed_skel[PORTAL], seed_skel[HEPATIC])
@@ -442,7 +515,8 @@ def _skeleton_split(v: np.ndarray, graph: VoxelGraph, node_radius: np.ndarray, s
         on_branch = ss[sk.cx_of[ss] < 0]
         seeded_cx = np.unique(sk.cx_of[ss][sk.cx_of[ss] >= 0])
         d_seed, _ = _from_sources(branch_cost, on_branch)
-        arrival, entry = _arm_dijkstra(sk, travel, d_seed[sk.arm_voxel], seeded_cx, turn_penalty_mm)
+        arrival, entry = _arm_dijkstra(sk, travel, d_seed[sk.arm_voxel], seeded_cx, transit,
+                                       crossing_penalty_mm)
         # Branch voxels: cheapest of the entries at their ends and the seeds on them.
         fin = np.isfinite(entry)
         targets = np.concatenate([sk.arm_voxel[fin], on_branch])
@@ -459,9 +533,9 @@ def _skeleton_split(v: np.ndarray, graph: VoxelGraph, node_radius: np.ndarray, s
     cp, ch = cost[PORTAL], cost[HEPATIC]
     skel_labels = np.where(cp < ch, PORTAL, np.where(ch < cp, HEPATIC, 0)).astype(np.uint8)
     node_labels = np.where(nearest >= 0, skel_labels[skel_at[np.maximum(nearest, 0)]], 0).astype(np.uint8)
-    arms_per_cx = np.bincount(sk.arm_cx, minlength=sk.n_cx)
-    qc = {"skeleton_branches": sk.n_branches, "skeleton_junctions": sk.n_cx,
-          "skeleton_crossings": int((arms_per_cx >= 4).sum())}
+    crossings = sum(bool(_crossing_penalties(sk.arm_dir[sk.arm_cx == c], 1.0).any())
+                    for c in np.flatnonzero(np.bincount(sk.arm_cx, minlength=sk.n_cx) == 4))
+    qc = {"skeleton_branches": sk.n_branches, "skeleton_junctions": sk.n_cx, "skeleton_crossings": crossings}
     return node_labels, skel_nodes, qc
 
 
