@@ -332,6 +332,27 @@ def run(
     output: Annotated[
         Optional[list[str]], typer.Option("--output", help="Extra output by name, e.g. seg (repeatable).")
     ] = None,
+    split_portal_hepatic: Annotated[
+        bool, typer.Option("--split_portal_hepatic", help="Liver vessels: split into portal and hepatic trees.")
+    ] = False,
+    min_component_size: Annotated[
+        Optional[int], typer.Option("--min_component_size", help="Liver vessels: drop smaller components (voxels).")
+    ] = None,
+    no_fallback_full_liver: Annotated[
+        bool, typer.Option("--no_fallback_full_liver", help="Liver vessels: fail without a liver.")
+    ] = False,
+    split_support_dir: Annotated[
+        Optional[Path], typer.Option("--split_support_dir", help="Liver vessels: folder of support masks.")
+    ] = None,
+    generate_split_support: Annotated[
+        bool, typer.Option("--generate_split_support", help="Liver vessels: make missing support labels.")
+    ] = False,
+    no_skeleton: Annotated[
+        bool, typer.Option("--no_skeleton", help="Liver vessels: split without the skeleton graph.")
+    ] = False,
+    min_split_component_size: Annotated[
+        Optional[int], typer.Option("--min_split_component_size", help="Liver vessels: merge smaller pieces.")
+    ] = None,
 ) -> None:
     """Segment a series: load, engine, post-processing; labels, classes, stats and report.json in OUTDIR."""
     import re
@@ -358,11 +379,23 @@ def run(
             options[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
             options[key.strip()] = value
+    # The liver vessel pipeline's own flags; any of them turns the liver_vessels stage on.
+    vessel_flags = {
+        "split_portal_hepatic": split_portal_hepatic or None, "min_component_size": min_component_size,
+        "no_fallback_full_liver": no_fallback_full_liver or None, "split_support_dir": split_support_dir,
+        "generate_split_support": generate_split_support or None, "no_skeleton": no_skeleton or None,
+        "min_split_component_size": min_split_component_size,
+    }
+    vessel_options = {k: str(v) if isinstance(v, Path) else v for k, v in vessel_flags.items() if v is not None}
+    post = list(post or [])
+    if vessel_options and "liver_vessels" not in post:
+        post.append("liver_vessels")
     request = request_from_settings(
         config, engine=engine, task=task, fast=fast or None, fastest=fastest or None,
         roi_subset=[n for value in roi_subset or [] for n in value.replace(",", " ").split()],
         robust_crop=robust_crop or None, device=device, labels_path=labels, options=options,
-        post=post or (), series_uid=series, outputs=output or (),
+        post=post, series_uid=series, outputs=output or (),
+        stage_options={"liver_vessels": vessel_options} if vessel_options else None,
     )
     with Progress(
         SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
