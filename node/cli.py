@@ -572,6 +572,243 @@ def worker_command() -> None:
         raise fail(str(exc), 2) from None
 
 
+xnat_app = typer.Typer(
+    help="XNAT case folders (SCANS + ASSESSORS): inventory, per-object NIfTI, clean DICOM-SEG.",
+    no_args_is_help=True,
+)
+app.add_typer(xnat_app, name="xnat")
+
+_XnatPath = Annotated[Path, typer.Argument(help="A case folder or a parent of case folders.")]
+_XnatOut = Annotated[Path, typer.Argument(help="Output folder (a sub-folder per case).")]
+_XnatNames = Annotated[
+    Optional[list[str]], typer.Option("--name", help="SEG name or folder (repeatable).")
+]
+_XnatSheet = Annotated[
+    Optional[Path], typer.Option("--sheet", help="CSV/XLSX: case and name(s) columns.")
+]
+_XnatCaseCol = Annotated[Optional[str], typer.Option("--case-column", help="Sheet column: case.")]
+_XnatNameCol = Annotated[Optional[str], typer.Option("--name-column", help="Sheet column: names.")]
+_XnatSheetName = Annotated[Optional[str], typer.Option("--sheet-name", help="XLSX worksheet.")]
+_XnatMerge = Annotated[
+    Optional[list[str]], typer.Option("--merge", help="NEW=A+B+C (repeatable).")
+]
+_XnatOverw = Annotated[bool, typer.Option("--overwrite", help="Rewrite existing outputs.")]
+_XnatJson = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+@xnat_app.command("inventory")
+def xnat_inventory(path: _XnatPath, out_dir: _XnatOut, as_json: _XnatJson = False) -> None:
+    """Write StudySeries_info.json and Segmentations_info.json per case (headers and catalogs only)."""
+    from node.xnat.inventory import XnatError, run_inventory
+
+    try:
+        with progress_bar("XNAT inventory") as update:
+            summaries = run_inventory(path, out_dir, progress=lambda done, total, _case: update(done, total))
+    except XnatError as exc:
+        raise fail(f"{exc} [{exc.code}]", 2) from None
+    if as_json:
+        typer.echo(json.dumps(summaries, indent=2))
+        return
+    table = Table(title=f"XNAT inventory of {path} in {out_dir}", title_justify="left")
+    for column in ("case", "series", "segmentations", "problems"):
+        table.add_column(column)
+    for s in summaries:
+        problems = "; ".join(f"{p.get('where', '')} {p['code']}".strip() for p in s["problems"])
+        table.add_row(s["case"], str(s["series"]), str(s["segmentations"]), escape(problems))
+    out.print(table)
+
+
+def _xnat_run(mode: str, path: Path, out_dir: Path, names: Optional[list[str]], sheet: Optional[Path],
+              case_column: Optional[str], name_column: Optional[str], sheet_name: Optional[str],
+              merge: Optional[list[str]], overwrite: bool, as_json: bool) -> None:
+    from node.xnat.export import ExportError, ExportOptions, failed, parse_merge, run
+    from node.xnat.inventory import XnatError
+    from node.xnat.select import Selection, SelectionError, read_sheet
+
+    try:
+        table = read_sheet(sheet, case_column, name_column, sheet_name) if sheet is not None else None
+        merges = tuple(parse_merge(m) for m in merge or [])
+        options = ExportOptions(Selection(tuple(names or ()), table), merges, overwrite)
+        with progress_bar(f"XNAT {mode}") as update:
+            # Outbox hook: run(..., deliver=callable(seg_path, report)) is called for each SEG written.
+            reports = run(path, out_dir, options, mode=mode, progress=lambda d, t, _case: update(d, t))
+    except (SelectionError, ExportError, XnatError) as exc:
+        raise fail(f"{exc} [{exc.code}]", 2) from None
+    if as_json:
+        typer.echo(json.dumps(reports, indent=2))
+    else:
+        shown = Table(title=f"XNAT {mode}: {path} -> {out_dir}", title_justify="left")
+        for column in ("case", "segmentation", "name", "series", "placement", "objects", "result"):
+            shown.add_column(column, overflow="fold")
+        messages = []
+        for report in reports:
+            for p in report.get("problems", []):
+                messages.append(f"{report['case']}: {p['code']}: {p['message']}")
+            for folder, s in report["segmentations"].items():
+                objects = s.get("objects", [])
+                statuses = sorted({o.get("status", s.get("status", "")) for o in objects} - {""})
+                result = ", ".join(statuses or [s.get("status", "")])
+                if s.get("error"):
+                    result = f"[red]{escape(s['error']['code'])}[/red]"
+                    messages.append(f"{report['case']}/{folder}: {s['error']['code']}: {s['error']['message']}")
+                shown.add_row(report["case"], folder, escape(str(s.get("name") or "")),
+                              str(s.get("series_folder") or ""), (s.get("placement") or {}).get("method", ""),
+                              str(len(objects)), result)
+        out.print(shown)
+        for message in messages:
+            out.print(escape(message), highlight=False, soft_wrap=True)
+    if failed(reports):
+        raise typer.Exit(1)
+
+
+@xnat_app.command("export")
+def xnat_export(path: _XnatPath, out_dir: _XnatOut, name: _XnatNames = None, sheet: _XnatSheet = None,
+                case_column: _XnatCaseCol = None, name_column: _XnatNameCol = None,
+                sheet_name: _XnatSheetName = None, merge: _XnatMerge = None, overwrite: _XnatOverw = False,
+                as_json: _XnatJson = False) -> None:
+    """Selected SEGs as NIfTI: {series}.nii.gz, {series}_ON_{object}_FN_{segfolder}.nii.gz per object."""
+    _xnat_run("export", path, out_dir, name, sheet, case_column, name_column, sheet_name, merge, overwrite,
+              as_json)
+
+
+@xnat_app.command("to-seg")
+def xnat_to_seg(path: _XnatPath, out_dir: _XnatOut, name: _XnatNames = None, sheet: _XnatSheet = None,
+                case_column: _XnatCaseCol = None, name_column: _XnatNameCol = None,
+                sheet_name: _XnatSheetName = None, merge: _XnatMerge = None, overwrite: _XnatOverw = False,
+                as_json: _XnatJson = False) -> None:
+    """Selected SEGs as standard DICOM-SEG: <case>/SEG/{series}_SEG_FN_{segfolder}.dcm.
+
+    Send them to the archive with `segnode send OUT/<case>/SEG --to HOST:PORT`.
+    """
+    _xnat_run("to-seg", path, out_dir, name, sheet, case_column, name_column, sheet_name, merge, overwrite,
+              as_json)
+
+
+seg_app = typer.Typer(help="DICOM-SEG: describe one, or convert it to NIfTI.", no_args_is_help=True)
+app.add_typer(seg_app, name="seg")
+
+
+@seg_app.command("info")
+def seg_info(
+    seg: Annotated[Path, typer.Argument(help="A DICOM-SEG file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Segments (number, label, codes, colour, frame count), type and referenced series of SEG."""
+    from node.dicom.seg import SegError, describe_seg
+
+    try:
+        info = describe_seg(seg)
+    except SegError as exc:
+        raise fail(f"{seg}: {exc} [{exc.code}]") from None
+    if as_json:
+        typer.echo(json.dumps(info, indent=2, default=str))
+        return
+    out.print(f"{info['segmentation_type']} SEG, {info['frames']} frame(s) of "
+              f"{info['columns']}x{info['rows']}, series {info['series_number']} "
+              f"{escape(info['series_description'])} ({escape(info['manufacturer'])})", highlight=False)
+    for uid, count in info["referenced_series"].items():
+        out.print(f"references series {uid} ({count} instance(s))", highlight=False)
+    table = Table()
+    for column in ("#", "id", "label", "type", "category", "colour", "frames", "algorithm"):
+        table.add_column(column, overflow="fold")
+
+    def code(c):
+        return "" if c is None else f"{c['meaning']} ({c['scheme']} {c['value']})"
+
+    for s in info["segments"]:
+        modifier = f", {s['type_modifier']['meaning']}" if s["type_modifier"] else ""
+        colour = "#{:02x}{:02x}{:02x}".format(*s["color"]) if s["color"] else ""
+        table.add_row(str(s["number"]), str(s["label_id"]), escape(s["label"]),
+                      escape(code(s["type"]) + modifier), escape(code(s["category"])), colour,
+                      "" if s["frames"] is None else str(s["frames"]), escape(s["algorithm"]))
+    out.print(table)
+    for note in info["notes"]:
+        out.print(f"note: {escape(note)}", highlight=False)
+
+
+@seg_app.command("to-nifti")
+def seg_to_nifti_command(
+    seg: Annotated[Path, typer.Argument(help="A DICOM-SEG file.")],
+    output: Annotated[Path, typer.Argument(help="Output .nii/.nii.gz label map (classes.json beside it).")],
+    source: Annotated[Optional[Path], typer.Option(
+        help="The source series (folder/zip): the label map gets its grid. Default: the SEG's planes.")] = None,
+) -> None:
+    """Convert SEG to a multilabel NIfTI on the source's grid, with classes.json beside it."""
+    from node.dicom.seg import SegError, seg_to_nifti
+
+    if not output.name.endswith((".nii", ".nii.gz")):
+        raise fail(f"output must end in .nii or .nii.gz, got {output.name}", 2)
+    try:
+        result = seg_to_nifti(seg, output, source)
+    except SegError as exc:
+        raise fail(f"{seg}: {exc} [{exc.code}]") from None
+    out.print(f"wrote {result['nifti']} ({'x'.join(map(str, result['shape_ijk']))}, "
+              f"{len(result['labels'])} label(s)) and {result['classes']}", highlight=False)
+    for note in result["notes"]:
+        out.print(f"note: {escape(note)}", highlight=False)
+
+
+outbox_app = typer.Typer(help="Deliveries of results to the destinations: state, retry.", no_args_is_help=True)
+app.add_typer(outbox_app, name="outbox")
+
+
+def _open_outbox(with_jobs: bool = False):
+    """The node's outbox (``<data_dir>/outbox.db``), safe beside a running ``serve`` (no recovery)."""
+    from node.export.outbox import Outbox
+
+    config = settings()
+    if not (Path(config.node.data_dir) / "outbox.db").exists():
+        raise fail(f"no outbox in {config.node.data_dir} (nothing was queued yet)")
+    store = None
+    if with_jobs:
+        from node.jobs import open_store
+
+        store = open_store(config)
+    return Outbox.from_settings(config, on_change=store.set_destinations if store else None, recover=False), store
+
+
+@outbox_app.command("status")
+def outbox_status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+    """Deliveries per destination: pending, delivering, delivered, failed, cancelled; next attempt, last error."""
+    import datetime as dt
+
+    outbox, _ = _open_outbox()
+    try:
+        rows = outbox.status()
+    finally:
+        outbox.close()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title="outbox", title_justify="left")
+    for column in ("destination", "kind", "pending", "delivering", "delivered", "failed", "cancelled",
+                   "next attempt"):
+        table.add_column(column)
+    table.add_column("last error", overflow="fold")
+    for r in rows:
+        nxt = dt.datetime.fromtimestamp(r["next_attempt"]).strftime("%H:%M:%S") if r["next_attempt"] else ""
+        table.add_row(escape(r["destination"]), r["kind"], *(str(r[k]) for k in
+                      ("pending", "delivering", "delivered", "failed", "cancelled")), nxt,
+                      escape(r["last_error"] or ""))
+    out.print(table)
+
+
+@outbox_app.command("retry")
+def outbox_retry(
+    destination: Annotated[Optional[str], typer.Option(help="Only this destination.")] = None,
+    job: Annotated[Optional[str], typer.Option(help="Only this job's deliveries.")] = None,
+) -> None:
+    """Failed deliveries are due again, with fresh attempts (a running node sends them within a second)."""
+    outbox, store = _open_outbox(with_jobs=True)
+    try:
+        count = outbox.retry(destination=destination, job_id=job)
+    finally:
+        outbox.close()
+        if store is not None:
+            store.close()
+    out.print(f"{count} failed deliver{'y' if count == 1 else 'ies'} queued again", highlight=False)
+
+
 def _load_volume(path: Path, series: Optional[str]):
     from node.dicom.series import VolumeError, read_series
     from node.nifti import read_nifti

@@ -111,6 +111,43 @@ class Destination(_Section):
     password: SecretStr = SecretStr("")
     token: SecretStr = SecretStr("")
     verify_tls: bool = True
+    #: A CA bundle (PEM) to verify the server's certificate against, instead of the system's.
+    ca_bundle: Path | None = None
+    #: Orthanc only: after a newer job's result for the same series is delivered here, delete the
+    #: older one from Orthanc (REST ``DELETE /instances/{id}``).
+    delete_superseded: bool = False
+    #: Orthanc's REST root for ``delete_superseded``; empty: ``url`` without its ``/dicom-web`` end.
+    orthanc_url: str = ""
+
+
+class OutboxSection(_Section):
+    """Delivery of results to ``[[destinations]]``: durable, retried with exponential backoff."""
+
+    #: Delay before the second attempt; doubled for each further one, up to ``max_delay_s``.
+    initial_delay_s: float = Field(default=5.0, ge=0)
+    max_delay_s: float = Field(default=300.0, ge=0)
+    #: Attempts per instance and destination before it is marked failed (``segnode outbox retry``).
+    max_attempts: int = Field(default=50, ge=1)
+    #: Seconds per network operation (connect, a STOW-RS request, a C-STORE association).
+    timeout_s: float = Field(default=60.0, gt=0)
+    #: How often the delivery loop looks for due deliveries.
+    poll_s: float = Field(default=1.0, gt=0)
+
+
+class OrthancSection(_Section):
+    """Plugin mode: the Orthanc whose segnode plugin hands series over (``POST /api/orthanc/series``);
+    the node fetches them by WADO-RS. Empty ``url``: hand-offs are refused."""
+
+    #: Orthanc's HTTP root, e.g. ``http://127.0.0.1:8042``.
+    url: str = ""
+    dicomweb_root: str = "/dicom-web"
+    username: str = ""
+    password: SecretStr = SecretStr("")
+    token: SecretStr = SecretStr("")
+    verify_tls: bool = True
+    ca_bundle: Path | None = None
+    #: Seconds for one WADO-RS retrieval of a whole series.
+    timeout_s: float = Field(default=300.0, gt=0)
 
 
 class Settings(BaseSettings):
@@ -126,6 +163,8 @@ class Settings(BaseSettings):
     queue: QueueSection = QueueSection()
     segmentation: SegmentationSection = SegmentationSection()
     destinations: list[Destination] = []
+    outbox: OutboxSection = OutboxSection()
+    orthanc: OrthancSection = OrthancSection()
 
     @classmethod
     def settings_customise_sources(

@@ -16,7 +16,7 @@ from node.volume import LPS_TO_RAS, Geometry, Volume
 
 def to_nifti_image(volume: Volume) -> nib.Nifti1Image:
     """An in-memory NIfTI-1 image whose sform and qform both carry the volume's exact grid."""
-    data = np.ascontiguousarray(volume.array.transpose(2, 1, 0))
+    data = volume.array.transpose(2, 1, 0)  # an F-contiguous view: nibabel writes it without a copy
     image = nib.Nifti1Image(data, volume.geometry.affine_ras)
     image.set_sform(volume.geometry.affine_ras, code=1)  # 1 = scanner coordinates
     image.set_qform(volume.geometry.affine_ras, code=1)

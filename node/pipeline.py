@@ -76,7 +76,12 @@ STAGES: dict[str, str] = {
 
 #: Outputs a rule or ``--output`` can ask for beyond the standard files (always written: labels NIfTI,
 #: classes, stats, report). Each is a stage run after the labels are final; it adds ``ctx.artifacts``.
-OUTPUT_STAGES: dict[str, str] = {}
+OUTPUT_STAGES: dict[str, str] = {
+    "seg": "node.dicom.seg:seg_output",
+    "meshes": "node.artifacts.mesh:meshes_stage",
+    "slices": "node.artifacts.slices:slices_stage",
+    "blender": "node.artifacts.blender:blender_stage",
+}
 #: Output names that are always written and need no stage.
 STANDARD_OUTPUTS = ("labels", "nifti", "classes", "stats", "report")
 

@@ -310,7 +310,7 @@ class PipelineSpec(_Model):
     fast: bool | None = None
     roi_subset: list[str] = []
     post: list[str] = []
-    outputs: list[str] = []
+    outputs: list[str] = ["seg"]
     #: Engine options (``SegmentRequest.options``), e.g. ``{vessel_hu = 120}`` for threshold.
     options: dict[str, Any] = {}
     #: Options per post-processing stage: ``{liver_vessels = {min_component_size = 50}}``.

@@ -107,6 +107,8 @@ def serve(settings: Settings, *, on_started: Callable[[], None] | None = None) -
     """Run the node until SIGINT/SIGTERM."""
     import uvicorn
 
+    from node.export.outbox import Outbox
+    from node.fetch import OrthancIntake
     from node.ingest.scp import Listener
     from node.web.app import AppContext, create_app
 
@@ -120,6 +122,10 @@ def serve(settings: Settings, *, on_started: Callable[[], None] | None = None) -
     hooks: tuple[Hook, ...] = ()
     if settings.ingest.retention_days > 0:
         hooks = (retention_hook(receiver, settings.ingest.retention_days),)
+    # The outbox: a done job's DICOM results are queued for its destinations (durably, before the
+    # hook returns) and delivered by one thread per destination; states go to the job's record.
+    outbox = Outbox.from_settings(settings, on_change=store.set_destinations)
+    hooks = (outbox.enqueue_results, *hooks)
     runner.append(JobRunner(store, settings, enqueue=queue.enqueue, hooks=hooks))
     router = Router(settings, store, queue.enqueue,
                     sop_uids=lambda uid: [r.info.sop_instance_uid for r in receiver.spool.instances(uid)])
@@ -138,10 +144,15 @@ def serve(settings: Settings, *, on_started: Callable[[], None] | None = None) -
                  counts["requeued"], counts["failed"], counts["queued"])
         receiver.start()
         queue.start(settings.queue.workers)
+        caught_up = outbox.catch_up(store.list("done", limit=1000))
+        if caught_up:
+            log.info("outbox: %d done job(s) had results not yet queued; queued now", caught_up)
+        outbox.start()
         threading.Thread(target=_watch_orphans, args=(store, queue.enqueue, settings.queue.stale_after_s, stop),
                          name="segnode-orphans", daemon=True).start()
         listener = Listener(settings.dicom, receiver).start()
-        app = create_app(AppContext(settings, store, queue.enqueue, receiver))
+        app = create_app(AppContext(settings, store, queue.enqueue, receiver, outbox=outbox))
+        app.router.routes.extend(OrthancIntake(settings, receiver).routes())  # the Orthanc plugin's hand-off
         config = uvicorn.Config(app, host=settings.http.host, port=settings.http.port, log_config=None,
                                 lifespan="off", timeout_graceful_shutdown=10)
         server = uvicorn.Server(config)
@@ -159,6 +170,7 @@ def serve(settings: Settings, *, on_started: Callable[[], None] | None = None) -
         if listener is not None:
             listener.stop()
         queue.stop(timeout=30)
+        outbox.close()
         receiver.close()
         store.close()
         lock.close()
@@ -172,9 +184,15 @@ def work(settings: Settings) -> None:
     store = open_store(settings)
     runner: list[JobRunner] = []
     queue = JobQueue(make_huey(settings), lambda job_id: runner[0].run(job_id))
-    runner.append(JobRunner(store, settings, enqueue=queue.enqueue))
+    from node.export.outbox import Outbox
+
+    # Results are written here, so they are delivered from here (this machine's <data_dir>/outbox).
+    outbox = Outbox.from_settings(settings, on_change=store.set_destinations)
+    runner.append(JobRunner(store, settings, enqueue=queue.enqueue, hooks=(outbox.enqueue_results,)))
     log.info("worker: %d thread(s) on the Redis queue", settings.queue.workers)
+    outbox.start()
     try:
         queue.consumer(settings.queue.workers, own_signals=True).run()
     finally:
+        outbox.close()
         store.close()

@@ -6,7 +6,9 @@ cd "$(dirname "$0")/.."
 
 # Real servers and tools: Orthanc with its Python and DICOMweb plugins, dcmtk (storescu/storescp),
 # dicom3tools (dciodvfy), Redis, dcm2niix (independent geometry check in the tests).
-DEBS=(orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools redis-server dcm2niix)
+# Chromium: the browser tests (tests/browser) drive it through Playwright; no browser is downloaded,
+# and without /usr/bin/chromium those tests are skipped with that reason.
+DEBS=(orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools redis-server dcm2niix chromium)
 PYTHON=${PYTHON:-python3.11}
 
 missing=()
@@ -36,5 +38,16 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q torch==2.13.0 2>&1 | { grep -v "^WARNING: Location" || true; }
   .venv/bin/pip install -q -e ".[test,seg]" torch==2.13.0 2>&1 | { grep -v "^WARNING: Location" || true; }
   touch "$stamp"
+fi
+# dcmjs (the DICOM library OHIF builds on) for the DICOM-SEG conformance test, pinned by
+# tests/js/package-lock.json; skipped while the lock file is older than the stamp.
+js_stamp=tests/js/node_modules/.segnode-installed
+if command -v npm >/dev/null; then
+  if [ ! -f "$js_stamp" ] || [ tests/js/package-lock.json -nt "$js_stamp" ]; then
+    npm ci --prefix tests/js --no-audit --no-fund --loglevel=error
+    touch "$js_stamp"
+  fi
+else
+  echo "setup: npm not found: the dcmjs check in tests/integration/test_seg_conformance.py will be skipped"
 fi
 echo "setup: ok"

@@ -8,9 +8,13 @@
 ``GET  /api/jobs/{id}``        one job: state, stage, progress, per-stage timings, error, history
 ``POST /api/jobs/{id}/retry``  run a failed job again (202), 409 if it is not failed
 ``POST /dicomweb/studies``     STOW-RS (:mod:`node.web.stow`)
+``GET  /``, ``/edit/{series}``  dashboard and correction editor pages (:mod:`node.web.dashboard`,
+                               :mod:`node.web.editor`), with their ``/api/dashboard``, ``/api/edit``
+                               and ``/api/annotations`` routes
 =============================  ============================================================
 
-Everything but ``/healthz`` needs a token when ``[http] tokens`` are set (:mod:`node.web.auth`).
+Everything but ``/healthz`` and the pages' static files needs a token when ``[http] tokens`` are set
+(:mod:`node.web.auth`).
 Errors are JSON ``{"error": "..."}``. Handlers are plain functions run in Starlette's thread pool.
 """
 
@@ -33,7 +37,10 @@ from node import __version__
 from node.config import Settings
 from node.jobs.store import STATES, JobStore
 from node.web import metrics
+from node.web.annotations import AnnotationLog
 from node.web.auth import TokenAuth
+from node.web.dashboard import Dashboard, PublicPages
+from node.web.editor import Editor
 from node.web.stow import StowRoute, Target
 
 log = logging.getLogger(__name__)
@@ -47,6 +54,9 @@ class AppContext:
     enqueue: Callable[[str, float], None]
     #: Where STOW-RS stores (the ingest receiver); None: no STOW-RS route.
     receiver: Target | None = None
+    #: The node's outbox (:class:`node.export.Outbox`): the dashboard shows it, the editor queues
+    #: corrections on it. None: corrections stay in ``<data_dir>/corrections``.
+    outbox: Any = None
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -135,4 +145,8 @@ def create_app(ctx: AppContext) -> Starlette:
     if ctx.receiver is not None:
         tmp = Path(ctx.settings.node.data_dir) / "tmp"
         routes += StowRoute(ctx.receiver, ctx.settings.http.max_upload_mb, tmp).routes()
-    return Starlette(routes=routes, middleware=[Middleware(TokenAuth, tokens=ctx.settings.http.tokens)])
+    annotations = AnnotationLog(Path(ctx.settings.node.data_dir) / "annotations.sqlite")
+    routes += Dashboard(ctx.settings, store, lambda: ctx.outbox).routes()
+    routes += Editor(ctx.settings, store, annotations, lambda: ctx.outbox).routes()
+    return Starlette(routes=routes, middleware=[Middleware(PublicPages),
+                                                Middleware(TokenAuth, tokens=ctx.settings.http.tokens)])

@@ -190,7 +190,7 @@ def test_first_matching_rule_wins(series: Path) -> None:
 def test_rules_file_loading_and_errors(tmp_path: Path) -> None:
     rules = load_rules(REPO / "configs" / "rules.toml", destinations=[])
     assert [r.name for r in rules] == ["ct-abdomen-venous", "ct-other"]
-    assert rules[0].pipeline.engine == "threshold" and rules[0].pipeline.outputs == []
+    assert rules[0].pipeline.engine == "threshold" and rules[0].pipeline.outputs == ["seg"]
     assert load_rules(tmp_path / "absent.toml") == DEFAULT_RULES
     bad = tmp_path / "bad.toml"
     bad.write_text('[[rule]]\nname = "x"\n[rule.match]\nslices = [10, 2]\n')
@@ -210,7 +210,7 @@ def test_rules_file_loading_and_errors(tmp_path: Path) -> None:
 def test_destinations_and_pipeline_version() -> None:
     rule = Rule(name="r", destinations=["b", "*"])
     assert destinations_of(rule, ["a", "b"]) == ["b", "a"]
-    assert PipelineSpec().version() == PipelineSpec(outputs=[]).version()
+    assert PipelineSpec().version() == PipelineSpec(outputs=["seg"]).version()
     assert PipelineSpec().version() != PipelineSpec(engine="totalsegmentator").version()
 
 

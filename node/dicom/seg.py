@@ -1,0 +1,123 @@
+"""DICOM-SEG for the node: the writer, the one reader, the pipeline's ``seg`` output and its CLI helpers.
+
+Writing (:mod:`node.dicom.seg_write`)::
+
+    from node.dicom.seg import SegOptions, write_seg
+    write_seg(labels, "path/to/ct-series", "seg.dcm")                              # BINARY, version 1
+    write_seg(labels, datasets, "seg.dcm", options=SegOptions(version=2))          # supersedes v1
+    write_seg(labels, datasets, "seg.dcm", options=SegOptions(segmentation_type="LABELMAP",
+                                                               compression="RLE"))
+    ds = build_seg(labels, datasets)                                               # the Dataset
+
+Reading (:mod:`node.dicom.seg_read`)::
+
+    labels = read_seg("seg.dcm", source_volume_or_folder)   # LabelVolume on the source grid
+    masks = read_seg_masks("seg.dcm", source)               # one mask per segment (overlaps kept)
+    placement = place_frames(parse_seg("seg.dcm").frames, geometry, shape, identity)
+
+The pipeline's output stage ``seg`` (:func:`seg_output`) writes ``seg.dcm`` beside the other results.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from node.dicom.seg_read import (
+    ParsedSeg,
+    Placement,
+    SegFrame,
+    Segment,
+    SegmentMasks,
+    describe_seg,
+    frame_masks,
+    frame_pixels,
+    parse_seg,
+    place_frames,
+    read_seg,
+    read_seg_masks,
+    seg_grid,
+    source_grid,
+)
+from node.dicom.seg_write import (
+    LABEL_ID_OFFSET,
+    MANUFACTURER,
+    PRIVATE_CREATOR,
+    PRIVATE_GROUP,
+    SegError,
+    SegOptions,
+    build_seg,
+    segment_description,
+    series_description,
+    series_number,
+    write_seg,
+)
+
+if TYPE_CHECKING:
+    from node.pipeline import PipelineContext
+
+__all__ = [
+    "LABEL_ID_OFFSET", "MANUFACTURER", "PRIVATE_CREATOR", "PRIVATE_GROUP", "ParsedSeg", "Placement",
+    "SegError", "SegFrame", "SegOptions", "Segment", "SegmentMasks", "build_seg", "describe_seg",
+    "frame_masks", "frame_pixels", "parse_seg", "place_frames", "read_seg", "read_seg_masks", "seg_grid",
+    "seg_output",
+    "seg_to_nifti", "segment_description", "series_description", "series_number", "source_grid", "write_seg",
+]
+
+#: The file the output stage writes in the run's folder.
+SEG_FILE = "seg.dcm"
+
+
+def seg_output(ctx: PipelineContext) -> None:
+    """Output stage ``seg``: ``seg.dcm`` of the run's final labels on its DICOM source.
+
+    Options (``request.stage_options["seg"]``): the fields of :class:`SegOptions` (``type`` for
+    ``segmentation_type``; ``version`` for a superseding result). Skipped (recorded, the run goes on)
+    when the input has no DICOM source (NIfTI or in-memory input) or no structure was found.
+    """
+    from node.classes import LabelVolume
+    from node.pipeline import StageSkipped
+    from node.segment import SegmentationError
+
+    source = ctx.ct.source
+    if ctx.source_path is None or source is None or not source.instance_uids:
+        raise StageSkipped("the input has no DICOM source (NIfTI or in-memory input): no DICOM-SEG")
+    if not ctx.labels.classes or not ctx.labels.array.any():
+        raise StageSkipped("no structure was found: no DICOM-SEG")
+    try:
+        values = dict(ctx.options)
+        engine = ctx.request.segment
+        values.setdefault("algorithm_parameters", {"engine": engine.engine, "task": engine.task})
+        options = SegOptions.from_mapping(values)
+        labels = LabelVolume(ctx.labels.array, ctx.labels.geometry, source=source, classes=ctx.labels.classes)
+        path = write_seg(labels, ctx.source_path, ctx.outdir / SEG_FILE, options=options)
+    except SegError as exc:
+        raise SegmentationError(f"seg_{exc.code}", f"DICOM-SEG: {exc}") from None
+    parsed = parse_seg(path)
+    ctx.artifacts["seg"] = path
+    ctx.record(
+        type=parsed.segmentation_type, segments=len(parsed.segments), frames=len(parsed.frames),
+        series_number=int(parsed.dataset.SeriesNumber), version=options.version,
+        series_instance_uid=str(parsed.dataset.SeriesInstanceUID),
+        sop_instance_uid=str(parsed.dataset.SOPInstanceUID), bytes=path.stat().st_size,
+    )
+
+
+def seg_to_nifti(seg: Path | str, out: Path | str, source: Path | str | None = None) -> dict[str, Any]:
+    """``segnode seg to-nifti``: the SEG as a multilabel NIfTI (on ``source``'s grid, else its own) and
+    ``classes.json`` beside it. Returns what was written, with the reader's notes."""
+    from node.nifti import write_nifti
+    from node.segment.labelmap import write_class_table
+
+    out = Path(out)
+    labels = read_seg(seg, source)
+    write_nifti(labels, out)
+    classes_path = out.parent / "classes.json"
+    write_class_table(labels.classes, classes_path)
+    return {"nifti": str(out), "classes": str(classes_path), "shape_ijk": list(labels.shape_ijk),
+            "labels": sorted(labels.classes), "notes": labels.notes}
+
+
+def describe_seg_json(seg: Path | str) -> str:
+    return json.dumps(describe_seg(seg), indent=2, default=str)

@@ -1,0 +1,303 @@
+"""The node's main job end to end, with real Orthanc, dcmtk and ``segnode serve`` (a subprocess):
+
+(a) storescu -> Orthanc -> plugin (STABLE_SERIES) -> node (WADO-RS fetch) -> threshold engine -> SEG
+    STOWed back -> QIDO-RS finds it in the same study; it decodes to exactly the job's labels; the SEG,
+    stable in its turn, is not handed over again;
+(b) storescu -> the node's listener -> SEG C-STOREd to Orthanc;
+(c) Orthanc down while the result waits (and the node restarted meanwhile) -> delivered once Orthanc
+    is back, exactly once.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pydicom
+import pytest
+
+from node.dicom.seg import read_seg
+from node.nifti import read_nifti
+from node.phantom import TINY, write_phantom
+from tests.integration.test_outbox import PASSWORD, USER, SecureOrthanc
+from tests.servers import _die_with_parent, free_port, parse_multipart_related, storescu
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+PLUGIN = REPO / "orthanc" / "segnode_plugin.py"
+TOKEN = "e2e-token"
+RULES = """
+[[rule]]
+name = "ct-seg"
+destinations = ["*"]
+[rule.match]
+modality = ["CT"]
+image_type = ["ORIGINAL"]
+[rule.pipeline]
+engine = "threshold"
+outputs = ["seg"]
+"""
+
+
+class Node:
+    """``segnode serve`` on free loopback ports with a temporary config; stopped by its PID."""
+
+    def __init__(self, workdir: Path, extra: str = "") -> None:
+        self.workdir = workdir
+        self.http_port, self.dicom_port = free_port(), free_port()
+        (workdir / "rules.toml").write_text(RULES)
+        self.config = workdir / "node.toml"
+        self.config.write_text(f"""
+[node]
+data_dir = "{workdir / 'data'}"
+rules = "{workdir / 'rules.toml'}"
+[dicom]
+host = "127.0.0.1"
+port = {self.dicom_port}
+[http]
+port = {self.http_port}
+tokens = {{ e2e = "{TOKEN}" }}
+[ingest]
+quiet_seconds = 30
+fsync = false
+[outbox]
+initial_delay_s = 0.2
+max_delay_s = 0.5
+poll_s = 0.2
+{extra}
+""")
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self) -> Node:
+        self.starts += 1
+        with open(self.workdir / f"serve-{self.starts}.log", "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "node", "--config", str(self.config), "serve"], cwd=REPO, stdout=log,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"segnode serve exited:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/healthz", trust_env=False, timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"segnode serve did not start:\n{self.log()}")
+
+    def log(self) -> str:
+        return "\n".join((self.workdir / f"serve-{n}.log").read_text(errors="replace")[-3000:]
+                         for n in range(1, self.starts + 1))
+
+    def api(self, path: str) -> Any:
+        response = httpx.get(self.url + path, headers={"Authorization": f"Bearer {TOKEN}"}, trust_env=False,
+                             timeout=10)
+        response.raise_for_status()
+        return response.json()
+
+    def wait_job(self, predicate: Callable[[dict], bool], timeout: float = 60) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for job in self.api("/api/jobs"):
+                if predicate(job):
+                    return self.api(f"/api/jobs/{job['id']}")
+            time.sleep(0.05)
+        raise AssertionError(f"no job as expected within {timeout} s: {self.api('/api/jobs')}\n{self.log()}")
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            os.kill(process.pid, signal.SIGTERM)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path) -> Iterator[Callable[[str], Node]]:
+    nodes: list[Node] = []
+
+    def make(extra: str = "") -> Node:
+        folder = tmp_path / f"node{len(nodes)}"
+        folder.mkdir()
+        nodes.append(Node(folder, extra))
+        return nodes[-1]
+
+    yield make
+    for node in nodes:
+        node.stop()
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory) -> dict[str, Path]:
+    return write_phantom(TINY, tmp_path_factory.mktemp("phantom"))
+
+
+@pytest.fixture
+def secure_orthanc(tmp_path_factory, _exiting_servers) -> Iterator[Callable[..., SecureOrthanc]]:
+    started: list[SecureOrthanc] = []
+
+    def start(**kwargs: Any) -> SecureOrthanc:
+        kwargs.setdefault("workdir", tmp_path_factory.mktemp("orthanc"))
+        started.append(SecureOrthanc(**kwargs))
+        return started[-1].start()
+
+    yield start
+    for server in started:
+        _exiting_servers.add(server)
+
+
+def stow_destination(orthanc: SecureOrthanc) -> str:
+    return f"""
+[[destinations]]
+name = "orthanc"
+kind = "stowrs"
+url = "{orthanc.dicomweb_url}"
+username = "{USER}"
+password = "{PASSWORD}"
+"""
+
+
+def source_uids(phantom: dict[str, Path]) -> tuple[str, str]:
+    first = pydicom.dcmread(sorted(phantom["dicom"].iterdir())[0], stop_before_pixels=True)
+    return str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
+
+
+def wait_for(what: str, probe: Callable[[], Any], timeout: float = 60, logs: Callable[[], str] = str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: not within {timeout} s\n{logs()}")
+
+
+def assert_seg_is_the_jobs_labels(seg_bytes: bytes, job: dict, phantom: dict[str, Path], tmp_path: Path) -> None:
+    path = tmp_path / "retrieved-seg.dcm"
+    path.write_bytes(seg_bytes)
+    decoded = read_seg(path, phantom["dicom"])
+    produced = read_nifti(Path(job["results"]) / "labels.nii.gz")
+    assert decoded.array.shape == produced.array.shape
+    assert np.array_equal(decoded.array, produced.array.astype(decoded.array.dtype))
+    assert decoded.array.any()
+
+
+def test_a_series_stored_into_orthanc_comes_back_as_a_seg_through_the_plugin(
+        secure_orthanc, node_factory, phantom, tmp_path: Path) -> None:
+    node = node_factory("")
+    orthanc = secure_orthanc(
+        python_script=PLUGIN, stable_age=1, env={"SEGNODE_VENV": str(REPO / ".venv")},
+        extra_config={"Segnode": {"NodeUrl": node.url, "NodeToken": TOKEN, "FirstRetrySeconds": 0.2}})
+    with open(node.config, "a") as config:
+        config.write(stow_destination(orthanc) + f"""
+[orthanc]
+url = "{orthanc.http_url}"
+username = "{USER}"
+password = "{PASSWORD}"
+""")
+    node.start()
+    study, series = source_uids(phantom)
+    unauthenticated = httpx.post(f"{node.url}/api/orthanc/series", json={"study_uid": study, "series_uid": series},
+                                 trust_env=False)
+    assert unauthenticated.status_code == 401  # the hand-off route is behind the node's tokens
+
+    storescu([phantom["dicom"]], "127.0.0.1", orthanc.dicom_port, orthanc.aet)
+
+    segs = wait_for("a SEG series in the study (QIDO-RS)", lambda: orthanc.qido(f"/studies/{study}/series?Modality=SEG"),
+                    logs=lambda: node.log() + orthanc.log_tail())
+    job = node.wait_job(lambda j: j["destinations"].get("orthanc", {}).get("state") == "delivered")
+    assert (job["state"], job["series_uid"], job["study_uid"], job["sender"]["via"]) == ("done", series, study, "orthanc")
+    assert job["instance_count"] == 40
+    delivered = job["destinations"]["orthanc"]
+    assert (delivered["instances"], delivered["delivered"], delivered["attempts"]) == (1, 1, 1)
+    assert len(segs) == 1
+    seg_series = segs[0]["0020000E"]["Value"][0]
+    instances = orthanc.qido(f"/studies/{study}/series/{seg_series}/instances")
+    assert len(instances) == 1
+    sop = instances[0]["00080018"]["Value"][0]
+    content_type, body = orthanc.request(
+        "GET", f"/dicom-web/studies/{study}/series/{seg_series}/instances/{sop}",
+        headers={"Accept": 'multipart/related; type="application/dicom"'})
+    (_, seg_part), = parse_multipart_related(content_type, body)
+    seg = pydicom.dcmread(io.BytesIO(seg_part))
+    assert (seg.Modality, seg.Manufacturer, list(seg.ImageType)) == ("SEG", "segnode", ["DERIVED", "PRIMARY"])
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series
+    assert_seg_is_the_jobs_labels(seg_part, job, phantom, tmp_path)
+    # The SEG became a stable series in Orthanc too: the plugin saw it and kept it from the node.
+    status = wait_for("the plugin's decision on the SEG series",
+                      lambda: (s := orthanc.rest_get("/segnode/status"))["skipped"] and s)
+    assert (status["handed_off"], status["skipped"], status["failed"]) == (1, 1, 0)
+    skipped = next(e for e in status["recent"] if e["outcome"] == "skipped")
+    assert (skipped["series_uid"], skipped["reason"]) == (seg_series, "Modality SEG is not an image to segment")
+    handed = next(e for e in status["recent"] if e["outcome"] == "handed_off")
+    assert {k: handed["node"][k] for k in ("instances", "stored", "duplicates", "refused")} == \
+        {"instances": 40, "stored": 40, "duplicates": 0, "refused": 0}
+    assert [s["series_uid"] for s in node.api("/api/series")] == [series]
+
+
+def test_a_series_sent_to_the_node_is_c_stored_to_orthanc_as_a_seg(orthanc, node_factory, phantom) -> None:
+    node = node_factory(f"""
+[[destinations]]
+name = "pacs"
+kind = "cstore"
+host = "127.0.0.1"
+port = {orthanc.dicom_port}
+ae_title = "{orthanc.aet}"
+""").start()
+    study, series = source_uids(phantom)
+
+    storescu([phantom["dicom"]], "127.0.0.1", node.dicom_port, "SEGNODE")
+
+    job = node.wait_job(lambda j: j["destinations"].get("pacs", {}).get("state") == "delivered")
+    assert job["sender"]["via"] == "dimse"
+    segs = [s for s in orthanc.rest_get("/series?expand") if s["MainDicomTags"].get("Modality") == "SEG"]
+    assert len(segs) == 1 and len(segs[0]["Instances"]) == 1
+    seg = pydicom.dcmread(io.BytesIO(orthanc.request("GET", f"/instances/{segs[0]['Instances'][0]}/file")[1]))
+    assert (seg.StudyInstanceUID, seg.ReferencedSeriesSequence[0].SeriesInstanceUID) == (study, series)
+    assert str(seg.SOPInstanceUID) == str(pydicom.dcmread(Path(job["results"]) / "seg.dcm").SOPInstanceUID)
+
+
+def test_a_result_waiting_for_orthanc_is_delivered_once_it_is_back_exactly_once(
+        secure_orthanc, node_factory, phantom) -> None:
+    orthanc = secure_orthanc()
+    orthanc.process.kill()  # down before the result exists (kill -9: no 3.5 s shutdown)
+    orthanc.stop()
+    node = node_factory(stow_destination(orthanc)).start()
+    study, series = source_uids(phantom)
+
+    storescu([phantom["dicom"]], "127.0.0.1", node.dicom_port, "SEGNODE")
+    waiting = node.wait_job(lambda j: j["destinations"].get("orthanc", {}).get("attempts", 0) >= 2)
+    state = waiting["destinations"]["orthanc"]
+    assert (waiting["state"], state["state"], state["delivered"]) == ("done", "pending", 0)
+    assert "Connection" in state["last_error"]
+    node.stop()  # the node goes down too, and comes back with its outbox
+    node.start()
+    orthanc.start()
+
+    job = node.wait_job(lambda j: j["destinations"].get("orthanc", {}).get("state") == "delivered")
+    assert job["id"] == waiting["id"]
+    assert job["destinations"]["orthanc"]["attempts"] > state["attempts"]
+    segs = orthanc.qido(f"/studies/{study}/series?Modality=SEG")
+    assert len(segs) == 1
+    seg_series = segs[0]["0020000E"]["Value"][0]
+    assert len(orthanc.qido(f"/studies/{study}/series/{seg_series}/instances")) == 1
+    assert orthanc.instance_count() == 1
