@@ -50,4 +50,19 @@ if command -v npm >/dev/null; then
 else
   echo "setup: npm not found: the dcmjs check in tests/integration/test_seg_conformance.py will be skipped"
 fi
+# Blender for the scene builder (node/artifacts/blender_scene.py): pip's bpy 5.0.1 (cp311, a 374 MB
+# wheel, about 1 GB installed) needs numpy < 2, so it gets its own venv. SEGNODE_SKIP_BLENDER=1 skips it
+# (the Blender tests then skip; SEGNODE_BLENDER may point at a Blender >= 4.2 binary instead).
+blender_stamp=.venv-blender/.segnode-installed
+if [ "${SEGNODE_SKIP_BLENDER:-0}" != 1 ] && [ ! -f "$blender_stamp" ]; then
+  echo "setup: creating .venv-blender (bpy 5.0.1)"
+  "$PYTHON" -m venv .venv-blender
+  printf '*\n' > .venv-blender/.gitignore  # python3.11's venv does not write one
+  if .venv-blender/bin/pip install -q bpy==5.0.1 "numpy<2" 2>&1 | { grep -v "^WARNING: Location" || true; } \
+      && .venv-blender/bin/python -c "import bpy" 2>/dev/null; then
+    touch "$blender_stamp"
+  else
+    echo "setup: bpy 5.0.1 did not install: the Blender scene output and its tests will be skipped"
+  fi
+fi
 echo "setup: ok"

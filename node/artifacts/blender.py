@@ -66,7 +66,7 @@ class SceneOptions:
     palette: str = "exact"
     mapping_json: str | None = None
     collection: str = "Organs"
-    group_categories: bool = True
+    group_categories: bool = False
     #: Uniform scale after the unit conversion (mm meshes become metres in Blender).
     scale: float = 1.0
     rotate_x_deg: float = 0.0
@@ -289,14 +289,15 @@ def blender_stage(ctx: Any) -> None:
     Meshes: those of the ``meshes`` output when it ran first (its folder), else made here with the
     mesh options given to this stage (:class:`~node.artifacts.mesh.MeshOptions` fields, default 10 %
     decimation). The slice add-on is installed when the ``slices`` output is asked for too. Options:
-    :class:`SceneOptions` fields. No Blender on this machine, or the builder failed: the stage is
-    skipped with the reason (the run and its other outputs go on).
+    :class:`SceneOptions` fields (here ``group_categories`` defaults to true). No Blender on this
+    machine, or the builder failed: the stage is skipped with the reason (the run and its other
+    outputs go on).
     """
     from node.artifacts.mesh import MeshOptions, label_meshes
     from node.pipeline import StageSkipped
 
     opts = dict(ctx.options)
-    options = SceneOptions.from_dict(opts)
+    options = SceneOptions.from_dict({"group_categories": True, **opts})
     if find_blender(options.blender) is None:
         raise StageSkipped(no_blender_message())
     output = Path(ctx.outdir) / "scene.blend"

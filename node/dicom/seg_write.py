@@ -40,7 +40,7 @@ import copy
 import io
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -756,8 +756,3 @@ class _FastSeg:
             fp.write(b"\xfe\xff\xdd\xe0\0\0\0\0")  # sequence delimitation item
         elif len(data) % 2:
             fp.write(b"\0")
-
-
-def reference_options(options: SegOptions) -> SegOptions:
-    """The same options on highdicom's plain path (for comparisons)."""
-    return replace(options, fast=False)

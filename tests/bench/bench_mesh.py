@@ -87,3 +87,89 @@ def build_map(cache: Path = CACHE) -> LabelVolume:
         small.geometry.direction_matrix @ (spacing / 2)
     np.savez(cache, labels=out, affine=affine)
     return LabelVolume(out, Geometry.from_affine(affine), classes={})
+
+
+def _cpu() -> float:
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _vtk_peer(labels: LabelVolume, smooth_iters: int) -> tuple[float, int, int]:
+    """VTK discrete flying edges on each structure's box padded by one voxel, then windowed-sinc
+    smoothing: seconds, structures meshed, total faces."""
+    from vtkmodules.util import numpy_support as ns
+    from vtkmodules.vtkCommonDataModel import vtkImageData
+    from vtkmodules.vtkFiltersCore import vtkWindowedSincPolyDataFilter
+    from vtkmodules.vtkFiltersGeneral import vtkDiscreteFlyingEdges3D
+
+    started = time.perf_counter()
+    array = labels.array
+    boxes = ndimage.find_objects(array)
+    faces = meshed = 0
+    for label, box in enumerate(boxes, 1):
+        if box is None:
+            continue
+        box = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(box, array.shape))
+        crop = np.ascontiguousarray((array[box] == label).astype(np.uint8))
+        image = vtkImageData()
+        image.SetDimensions(crop.shape[2], crop.shape[1], crop.shape[0])
+        image.SetSpacing(*labels.geometry.spacing)
+        image.GetPointData().SetScalars(ns.numpy_to_vtk(crop.ravel(), deep=1))
+        fe = vtkDiscreteFlyingEdges3D()
+        fe.SetInputData(image)
+        fe.SetValue(0, 1)
+        fe.ComputeNormalsOff()
+        fe.ComputeGradientsOff()
+        fe.ComputeScalarsOff()
+        fe.Update()
+        out = fe.GetOutput()
+        if smooth_iters:
+            sm = vtkWindowedSincPolyDataFilter()
+            sm.SetInputData(out)
+            sm.SetNumberOfIterations(smooth_iters)
+            sm.SetPassBand(0.1)
+            sm.NormalizeCoordinatesOn()
+            sm.Update()
+            out = sm.GetOutput()
+        faces += out.GetNumberOfPolys()
+        meshed += 1
+    return time.perf_counter() - started, meshed, faces
+
+
+@pytest.mark.bench
+def test_bench_117_structures_512x512x300() -> None:
+    from node.artifacts.mesh import MeshOptions, label_meshes
+
+    labels = build_map()
+    assert len(labels.present_ids()) == N_CLASSES and labels.array.shape == SHAPE_KJI
+    print(f"\nmap: {N_CLASSES} structures on {SHAPE_KJI[::-1]} voxels of "
+          f"{'x'.join(f'{s:.3f}' for s in labels.geometry.spacing)} mm; {os.cpu_count()} CPUs here")
+    rows = []
+    for name, options in (
+        ("exact voxel surface, 2 workers", MeshOptions(smooth_iters=0, workers=2)),
+        ("smoothed (10), 2 workers", MeshOptions(workers=2)),
+        ("smoothed (10) + decimated to 10 %, 2 workers", MeshOptions(decimate=0.1, workers=2)),
+        ("smoothed (10) + decimated to 10 %, 1 worker", MeshOptions(decimate=0.1, workers=1)),
+    ):
+        cpu0, t0 = _cpu(), time.perf_counter()
+        meshes = label_meshes(labels, options)
+        wall, cpu = time.perf_counter() - t0, _cpu() - cpu0
+        tight = sum(1 for m in meshes if m.check is not None and m.check.watertight)
+        faces = sum(len(m.faces) for m in meshes)
+        worst = max(abs(m.volume_mm3 / m.voxel_volume_mm3 - 1) for m in meshes)
+        notes = sum(1 for m in meshes if m.notes)
+        rows.append((name, wall))
+        print(f"{name:48s} {wall:6.2f} s wall {cpu:6.2f} s CPU  watertight {tight}/{len(meshes)}  "
+              f"faces {faces:>9,}  worst volume error {worst:.2%}  with notes {notes}")
+        assert tight == len(meshes) == N_CLASSES
+    try:
+        peer, meshed, peer_faces = _vtk_peer(labels, 10)
+    except ImportError:
+        print("peer: vtk is not installed")
+        return
+    print(f"{'peer: VTK flying edges + windowed sinc (10), 1 thread':48s} {peer:6.2f} s wall  "
+          f"{meshed} structures, faces {peer_faces:,} (no check, no decimation)")
+    smoothed = dict(rows)["smoothed (10), 2 workers"]
+    print(f"ratio smoothed (2 workers) / peer: {smoothed / peer:.2f}")
