@@ -55,8 +55,13 @@ class FetchStats:
 def orthanc_session(section: OrthancSection):
     from node.export.senders import _http_session
 
-    return _http_session(section.username, section.password.get_secret_value(), section.token.get_secret_value(),
-                         section.verify_tls, section.ca_bundle)
+    return _http_session(
+        section.username,
+        section.password.get_secret_value(),
+        section.token.get_secret_value(),
+        section.verify_tls,
+        section.ca_bundle,
+    )
 
 
 class OrthancSource:
@@ -69,7 +74,9 @@ class OrthancSource:
         self.dicomweb_url = section.url.rstrip("/") + "/" + section.dicomweb_root.strip("/")
         self.session = orthanc_session(section)
 
-    def iter_series(self, study_uid: str, series_uid: str, stats: FetchStats | None = None) -> Iterator[bytes]:
+    def iter_series(
+        self, study_uid: str, series_uid: str, stats: FetchStats | None = None
+    ) -> Iterator[bytes]:
         """The instances of a series, as Part 10 bytes, while they arrive."""
         import requests
 
@@ -79,8 +86,9 @@ class OrthancSource:
         url = f"{self.dicomweb_url}/studies/{study_uid}/series/{series_uid}"
         started = time.perf_counter()
         try:
-            response = self.session.get(url, headers={"Accept": ACCEPT}, stream=True,
-                                        timeout=(10, self.section.timeout_s))
+            response = self.session.get(
+                url, headers={"Accept": ACCEPT}, stream=True, timeout=(10, self.section.timeout_s)
+            )
         except requests.RequestException as exc:
             raise FetchError(f"WADO-RS {url}: {type(exc).__name__}: {exc}") from None
         with response:
@@ -109,8 +117,11 @@ class OrthancSource:
         paths = []
         for n, data in enumerate(self.iter_series(study_uid, series_uid), start=1):
             try:
-                uid = str(pydicom.dcmread(_as_file(data), stop_before_pixels=True,
-                                          specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+                uid = str(
+                    pydicom.dcmread(
+                        _as_file(data), stop_before_pixels=True, specific_tags=["SOPInstanceUID"]
+                    ).SOPInstanceUID
+                )
                 name = f"{uid}.dcm" if _UID.match(uid) else f"part{n:05d}.dcm"
             except Exception:
                 name = f"part{n:05d}.dcm"
@@ -186,6 +197,7 @@ def _part(raw: bytes) -> tuple[dict[str, str], bytes]:
 
 # --- the plugin's hand-off ------------------------------------------------------------------------
 
+
 @dataclass
 class HandoffResult:
     series_uid: str
@@ -202,8 +214,9 @@ class OrthancIntake:
     """``POST /api/orthanc/series``: the plugin says a series is stable; the node fetches it into the
     spool through ``receiver`` (which has ``session(kind)`` and ``store(bytes, sender, session=...)``)."""
 
-    def __init__(self, settings: Settings, receiver: Any,
-                 source: Callable[[], OrthancSource] | None = None) -> None:
+    def __init__(
+        self, settings: Settings, receiver: Any, source: Callable[[], OrthancSource] | None = None
+    ) -> None:
         self.settings, self.receiver = settings, receiver
         self._source = source or (lambda: OrthancSource(settings.orthanc))
 
@@ -217,18 +230,24 @@ class OrthancIntake:
         from starlette.responses import JSONResponse
 
         if not self.settings.orthanc.url:
-            return JSONResponse({"error": "[orthanc] url is not set: this node takes no hand-offs from Orthanc"},
-                                status_code=503)
+            return JSONResponse(
+                {"error": "[orthanc] url is not set: this node takes no hand-offs from Orthanc"},
+                status_code=503,
+            )
         try:
             payload = await request.json()
             study, series = str(payload["study_uid"]), str(payload["series_uid"])
             expected = int(payload.get("instances") or 0)
         except (ValueError, KeyError, TypeError):
-            return JSONResponse({"error": "expected JSON {study_uid, series_uid, instances, orthanc_series_id}"},
-                                status_code=400)
+            return JSONResponse(
+                {"error": "expected JSON {study_uid, series_uid, instances, orthanc_series_id}"},
+                status_code=400,
+            )
         if not (_UID.match(study) and _UID.match(series)):
             return JSONResponse({"error": "study_uid and series_uid must be UIDs"}, status_code=400)
-        sender = Sender("orthanc", str(payload.get("aet", ""))[:16], request.client.host if request.client else "")
+        sender = Sender(
+            "orthanc", str(payload.get("aet", ""))[:16], request.client.host if request.client else ""
+        )
         try:
             result = await run_in_threadpool(self.take, study, series, sender, expected)
         except FetchError as exc:
@@ -276,12 +295,22 @@ class OrthancIntake:
                     for future in futures:
                         future.result()  # a store that raised ends the session as interrupted
                 if expected and stats.instances < expected:
-                    raise FetchError(f"Orthanc announced {expected} instances, WADO-RS gave {stats.instances}")
+                    raise FetchError(
+                        f"Orthanc announced {expected} instances, WADO-RS gave {stats.instances}"
+                    )
         finally:
             source.close()
         result.instances, result.bytes = stats.instances, stats.bytes
         result.seconds = round(time.perf_counter() - started, 3)
-        log.info("orthanc series %s: %d instance(s) fetched (%d new, %d already here, %d refused), %.1f MB "
-                 "in %.2f s", series_uid, result.instances, result.stored, result.duplicates, result.refused,
-                 result.bytes / 1e6, result.seconds)
+        log.info(
+            "orthanc series %s: %d instance(s) fetched (%d new, %d already here, %d refused), %.1f MB "
+            "in %.2f s",
+            series_uid,
+            result.instances,
+            result.stored,
+            result.duplicates,
+            result.refused,
+            result.bytes / 1e6,
+            result.seconds,
+        )
         return result

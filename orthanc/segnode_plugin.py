@@ -51,6 +51,9 @@ import urllib.request
 
 try:
     import orthanc
+
+    if not hasattr(orthanc, "RegisterOnChangeCallback"):  # e.g. this folder, as a namespace package
+        orthanc = None
 except ImportError:  # imported outside Orthanc (a syntax check, a test of the pure parts)
     orthanc = None
 
@@ -61,8 +64,11 @@ STATUS_ROUTE = "/segnode/status"
 # Built-in copies of node.rules' guard (used when the node's venv cannot be imported).
 NEVER_MODALITIES = {"SEG", "SR", "RTSTRUCT", "PR", "KO", "RTPLAN", "RTDOSE", "RTRECORD", "DOC", "REG"}
 NEVER_SOP_PREFIXES = (
-    "1.2.840.10008.5.1.4.1.1.66.", "1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.481.",
-    "1.2.840.10008.5.1.4.1.1.11.", "1.2.840.10008.5.1.4.1.1.104.",
+    "1.2.840.10008.5.1.4.1.1.66.",
+    "1.2.840.10008.5.1.4.1.1.88.",
+    "1.2.840.10008.5.1.4.1.1.481.",
+    "1.2.840.10008.5.1.4.1.1.11.",
+    "1.2.840.10008.5.1.4.1.1.104.",
 )
 OWN_MANUFACTURER = "segnode"
 
@@ -77,10 +83,12 @@ def _config():
     try:
         config = json.loads(orthanc.GetConfiguration()).get(CONFIG_KEY, {}) or {}
     except Exception as exc:  # noqa: BLE001 - a bad configuration must not stop Orthanc
-        _log("LogError", "cannot read the %r configuration: %s" % (CONFIG_KEY, exc))
+        _log("LogError", f"cannot read the {CONFIG_KEY!r} configuration: {exc}")
     env = os.environ
     return {
-        "node_url": (env.get("SEGNODE_NODE_URL") or config.get("NodeUrl") or "http://127.0.0.1:8080").rstrip("/"),
+        "node_url": (env.get("SEGNODE_NODE_URL") or config.get("NodeUrl") or "http://127.0.0.1:8080").rstrip(
+            "/"
+        ),
         "token": env.get("SEGNODE_NODE_TOKEN") or config.get("NodeToken") or "",
         "venv": env.get("SEGNODE_VENV") or config.get("Venv") or "",
         "max_attempts": int(config.get("MaxAttempts", 20)),
@@ -93,10 +101,10 @@ def add_venv(venv):
     """The venv's site-packages (and its .pth entries) at the front of sys.path; returns the error."""
     import site
 
-    version = "python%d.%d" % sys.version_info[:2]
+    version = "python{}.{}".format(*sys.version_info[:2])
     packages = os.path.join(venv, "lib", version, "site-packages")
     if not os.path.isdir(packages):
-        return "%s not found (a venv of another Python than %s?)" % (packages, version)
+        return f"{packages} not found (a venv of another Python than {version}?)"
     before = list(sys.path)
     site.addsitedir(packages)
     added = [p for p in sys.path if p not in before]
@@ -116,6 +124,7 @@ class Plugin:
         self.recent = []
         self.guard = "built-in"
         self.venv_error = None
+        self.numpy = None  # where the numpy the node's rules imported comes from
         self.thread = None
 
     # --- callbacks (Orthanc's threads: quick, never raise) -----------------------------------
@@ -126,7 +135,7 @@ class Plugin:
             elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:
                 self.stop()
         except Exception as exc:  # noqa: BLE001
-            _log("LogError", "change callback failed: %s" % exc)
+            _log("LogError", f"change callback failed: {exc}")
 
     def submit(self, series_id, attempt=1, delay=0.0):
         with self.lock:
@@ -143,14 +152,21 @@ class Plugin:
                 return
             with self.lock:
                 body = {
-                    "plugin": VERSION, "node_url": self.config["node_url"], "python": sys.version.split()[0],
-                    "venv": self.config["venv"] or None, "venv_error": self.venv_error, "guard": self.guard,
-                    "queued": len(self.queue), **self.counts, "recent": list(self.recent),
+                    "plugin": VERSION,
+                    "node_url": self.config["node_url"],
+                    "python": sys.version.split()[0],
+                    "venv": self.config["venv"] or None,
+                    "venv_error": self.venv_error,
+                    "guard": self.guard,
+                    "numpy": self.numpy,
+                    "queued": len(self.queue),
+                    **self.counts,
+                    "recent": list(self.recent),
                     "worker_alive": bool(self.thread and self.thread.is_alive()),
                 }
             output.AnswerBuffer(json.dumps(body, indent=1), "application/json")
         except Exception as exc:  # noqa: BLE001
-            _log("LogError", "status route failed: %s" % exc)
+            _log("LogError", f"status route failed: {exc}")
 
     # --- the worker thread -------------------------------------------------------------------
     def start(self):
@@ -175,7 +191,7 @@ class Plugin:
             try:
                 self.handle(series_id, attempt)
             except Exception as exc:  # noqa: BLE001 - one series never stops the thread
-                self.retry_or_fail(series_id, attempt, "%s: %s" % (type(exc).__name__, exc), {})
+                self.retry_or_fail(series_id, attempt, f"{type(exc).__name__}: {exc}", {})
 
     def next_due(self):
         now = time.monotonic()
@@ -201,20 +217,26 @@ class Plugin:
                 NEVER_SOP_PREFIXES = tuple(rules.NEVER_SOP_PREFIXES)
                 OWN_MANUFACTURER = rules.OWN_MANUFACTURER
                 self.guard = "node.rules"
+                self.numpy = getattr(sys.modules.get("numpy"), "__file__", None)
         except Exception as exc:  # noqa: BLE001 - an import must never stop Orthanc
-            self.venv_error = "%s: %s" % (type(exc).__name__, exc)
+            self.venv_error = f"{type(exc).__name__}: {exc}"
         if self.venv_error:
-            _log("LogWarning", "node venv not used (%s); built-in rules" % self.venv_error)
+            _log("LogWarning", f"node venv not used ({self.venv_error}); built-in rules")
 
     def handle(self, series_id, attempt):
         started = time.monotonic()
-        series = json.loads(orthanc.RestApiGet("/series/%s" % series_id))
+        series = json.loads(orthanc.RestApiGet(f"/series/{series_id}"))
         tags = series.get("MainDicomTags", {})
-        study = json.loads(orthanc.RestApiGet("/studies/%s" % series["ParentStudy"]))
+        study = json.loads(orthanc.RestApiGet(f"/studies/{series['ParentStudy']}"))
         instances = series.get("Instances", [])
-        event = {"orthanc_series_id": series_id, "series_uid": tags.get("SeriesInstanceUID", ""),
-                 "study_uid": study.get("MainDicomTags", {}).get("StudyInstanceUID", ""),
-                 "modality": tags.get("Modality", ""), "instances": len(instances), "attempt": attempt}
+        event = {
+            "orthanc_series_id": series_id,
+            "series_uid": tags.get("SeriesInstanceUID", ""),
+            "study_uid": study.get("MainDicomTags", {}).get("StudyInstanceUID", ""),
+            "modality": tags.get("Modality", ""),
+            "instances": len(instances),
+            "attempt": attempt,
+        }
         reason = self.refusal(tags, instances)
         if reason:
             self.finish(series_id, "skipped", dict(event, reason=reason))
@@ -222,8 +244,11 @@ class Plugin:
         payload = dict(event, aet=self.orthanc_aet())
         payload.pop("attempt")
         request = urllib.request.Request(
-            self.config["node_url"] + "/api/orthanc/series", data=json.dumps(payload).encode(), method="POST",
-            headers={"Content-Type": "application/json", "Accept": "application/json"})
+            self.config["node_url"] + "/api/orthanc/series",
+            data=json.dumps(payload).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json", "Accept": "application/json"},
+        )
         if self.config["token"]:
             request.add_header("Authorization", "Bearer " + self.config["token"])
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -232,10 +257,10 @@ class Plugin:
                 answer = json.loads(response.read() or b"{}")
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode("utf-8", "replace")[:300]
-            self.retry_or_fail(series_id, attempt, "node answered HTTP %d: %s" % (exc.code, detail), event)
+            self.retry_or_fail(series_id, attempt, f"node answered HTTP {exc.code}: {detail}", event)
             return
         except (OSError, ValueError) as exc:
-            self.retry_or_fail(series_id, attempt, "node unreachable: %s" % exc, event)
+            self.retry_or_fail(series_id, attempt, f"node unreachable: {exc}", event)
             return
         event.update(node=answer, seconds=round(time.monotonic() - started, 3))
         self.finish(series_id, "handed_off", event)
@@ -243,16 +268,18 @@ class Plugin:
     def refusal(self, tags, instances):
         modality = (tags.get("Modality") or "").upper()
         if modality in NEVER_MODALITIES:
-            return "Modality %s is not an image to segment" % modality
+            return f"Modality {modality} is not an image to segment"
         if not instances:
             return "no instances"
         first = instances[0]
-        sop_class = self.instance_value("/instances/%s/metadata/SopClassUid" % first)
+        sop_class = self.instance_value(f"/instances/{first}/metadata/SopClassUid")
         if sop_class.startswith(NEVER_SOP_PREFIXES):
-            return "SOP class %s is not an image to segment" % sop_class
-        manufacturer = tags.get("Manufacturer") or self.instance_value("/instances/%s/content/0008-0070" % first)
+            return f"SOP class {sop_class} is not an image to segment"
+        manufacturer = tags.get("Manufacturer") or self.instance_value(
+            f"/instances/{first}/content/0008-0070"
+        )
         if manufacturer.strip().lower() == OWN_MANUFACTURER:
-            image_type = self.instance_value("/instances/%s/content/0008-0008" % first).upper().split("\\")
+            image_type = self.instance_value(f"/instances/{first}/content/0008-0008").upper().split("\\")
             if "DERIVED" in [v.strip() for v in image_type]:
                 return "a segnode output (Manufacturer segnode, ImageType DERIVED)"
         return None
@@ -277,8 +304,10 @@ class Plugin:
             delay = min(300.0, self.config["first_retry"] * 2 ** (attempt - 1))
             with self.lock:
                 self.counts["retries"] += 1
-            _log("LogWarning", "series %s: hand-off attempt %d failed (%s); again in %g s"
-                 % (series_id, attempt, error, delay))
+            _log(
+                "LogWarning",
+                f"series {series_id}: hand-off attempt {attempt} failed ({error}); again in {delay:g} s",
+            )
             self.submit(series_id, attempt + 1, delay)
             self.note(dict(event, outcome="retry", error=error))
             return
@@ -290,8 +319,9 @@ class Plugin:
             self.queued.discard(series_id)
         self.note(dict(event, outcome=outcome))
         level = "LogError" if outcome == "failed" else "LogInfo"
-        _log(level, "series %s: %s %s" % (event.get("series_uid") or series_id, outcome.replace("_", " "),
-                                          event.get("reason") or event.get("error") or ""))
+        what = event.get("series_uid") or series_id
+        detail = event.get("reason") or event.get("error") or ""
+        _log(level, f"series {what}: {outcome.replace('_', ' ')} {detail}")
 
     def note(self, event):
         with self.lock:
@@ -304,7 +334,7 @@ def _register():
     orthanc.RegisterOnChangeCallback(plugin.on_change)
     orthanc.RegisterRestCallback(STATUS_ROUTE, plugin.status)
     plugin.start()
-    _log("LogWarning", "plugin %s loaded; hands stable series to %s" % (VERSION, plugin.config["node_url"]))
+    _log("LogWarning", f"plugin {VERSION} loaded; hands stable series to {plugin.config['node_url']}")
     return plugin
 
 
@@ -313,6 +343,6 @@ if orthanc is not None:
         PLUGIN = _register()
     except Exception as _exc:  # noqa: BLE001 - never stop Orthanc
         try:
-            orthanc.LogError("segnode: plugin not started: %s" % _exc)
+            orthanc.LogError(f"segnode: plugin not started: {_exc}")
         except Exception:  # noqa: BLE001
             pass

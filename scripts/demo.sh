@@ -160,12 +160,15 @@ seg = [s for s in get(f"{base}/series?expand", auth) if s["MainDicomTags"].get("
 tags = seg["MainDicomTags"]
 study = get(f"{base}/studies/{seg['ParentStudy']}", auth)
 report = json.load(open(f"{job['results']}/report.json"))
-seg_stage = next((s for s in report.get("stages", []) if s.get("name") == "seg"), {})
+seg_stage = (report.get("qc") or {}).get("seg", {})
 status = get(f"{base}/segnode/status", auth)
 handed = next((e for e in status["recent"] if e.get("outcome") == "handed_off"), {})
 print(f"SEG series {tags['SeriesInstanceUID']} ({tags.get('SeriesDescription', '')}), "
       f"{len(seg['Instances'])} instance, in study {study['MainDicomTags']['StudyInstanceUID']}")
-print(f"segments: {seg_stage.get('segments', '?')}, frames: {seg_stage.get('frames', '?')}")
+print(f"SEG instance {seg_stage.get('sop_instance_uid', '?')}: {seg_stage.get('type', '?')}, "
+      f"{seg_stage.get('segments', '?')} segments, {seg_stage.get('frames', '?')} frames, "
+      f"{seg_stage.get('bytes', 0) / 1e6:.1f} MB")
+print("segments: " + ", ".join(s.get("name", "?") for s in report.get("structures", [])))
 print(f"plugin: handed over after Orthanc's stable age; node fetched {handed.get('node', {}).get('instances', '?')} "
       f"instances by WADO-RS in {handed.get('node', {}).get('seconds', '?')} s")
 print("job timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in job["timings"].items()))

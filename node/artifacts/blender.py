@@ -109,7 +109,7 @@ def _python_with_bpy(python: Path) -> bool:
 
 def _blender_version(binary: str) -> tuple[int, int] | None:
     try:
-        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=60).stdout
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=60, check=False).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     m = re.search(r"Blender (\d+)\.(\d+)", out)
@@ -248,7 +248,7 @@ def build_scene(
         argv = command.argv(SCRIPT, ["--manifest", str(manifest_path)])
         try:
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=options.timeout_s,
-                                  cwd=str(work), env=_child_env())
+                                  cwd=str(work), env=_child_env(), check=False)
         except subprocess.TimeoutExpired:
             raise BlenderError("timeout", f"Blender took more than {options.timeout_s:g} s") from None
         except OSError as exc:

@@ -16,8 +16,9 @@ The manifest (JSON; relative paths are relative to it)::
     {"version": 1, "output": "scene.blend", "result": "result.json",
      "units": "mm", "space": "RAS", "scale": 1.0, "rotate_x_deg": 0.0, "mirror_x": false,
      "collection": "Organs", "group_categories": true, "shade_smooth": true,
-     "remesh": {"mode": "none" | "voxel" | "smooth" | "sharp" | "blocks", "voxel_size": 0.002,
-                "octree_depth": 7},
+     "remesh": {"mode": "none" | "voxel" | "quad" | "smooth" | "sharp" | "blocks", "voxel_size": 0.002,
+                "octree_depth": 7},      (Remesh modifier, applied; "quad" is voxel: Blender's
+                                          QuadriFlow is an interactive operator, not a modifier)
      "camera": true, "light": true,
      "objects": [{"name": "liver", "label": 5, "category": "Abdominal", "color": [r, g, b, a],
                   "file": "meshes/liver.ply"}, ...],
@@ -91,6 +92,45 @@ def ras_to_mesh(manifest: dict) -> Matrix:
     return m
 
 
+# For a folder without meshes.json: categories and "auto" colours from structure names (a short
+# version of node.artifacts.palette, which this script cannot import).
+_CATEGORY_WORDS = (
+    ("Vessel", ("aorta", "artery", "arteries", "vein", "vena", "portal", "trunk")),
+    ("Bone", ("vertebra", "rib", "sacrum", "femur", "hip", "humerus", "scapula", "clavicula", "sternum", "skull",
+              "cartilage", "bone")),
+    ("Muscle", ("muscle", "gluteus", "iliopsoas", "autochthon", "psoas")),
+    ("Thoracic", ("lung", "heart", "atri", "ventricle", "trachea", "esophagus", "myocardium")),
+    ("Abdominal", ("liver", "spleen", "kidney", "pancrea", "gallbladder", "stomach", "duodenum", "bowel", "colon",
+                   "adrenal", "bladder", "prostate")),
+)
+_AUTO = {"artery": (200, 40, 40), "vein": (40, 80, 200), "portal": (20, 30, 140), "Bone": (235, 222, 190),
+         "Muscle": (150, 45, 40)}
+
+
+def guess_category(name: str) -> str:
+    n = name.lower()
+    for category, words in _CATEGORY_WORDS:
+        if any(w in n for w in words):
+            return category
+    return "Other"
+
+
+def guess_color(name: str, index: int) -> list[int]:
+    n, category = name.lower(), guess_category(name)
+    if "portal" in n:
+        return list(_AUTO["portal"])
+    if any(w in n for w in ("artery", "arteries", "aorta", "trunk")):
+        return list(_AUTO["artery"])
+    if any(w in n for w in ("vein", "vena")):
+        return list(_AUTO["vein"])
+    if category in _AUTO:
+        return list(_AUTO[category])
+    import colorsys
+
+    r, g, b = colorsys.hsv_to_rgb((index * 0.618033988749895 + 0.1) % 1.0, 0.55, 0.85)
+    return [round(r * 255), round(g * 255), round(b * 255)]
+
+
 # --- reading meshes -----------------------------------------------------------------------------
 
 
@@ -142,6 +182,7 @@ def mesh_from_arrays(name: str, verts: array.array, faces: array.array) -> bpy.t
     me.loops.foreach_set("vertex_index", faces)
     me.polygons.add(nf)
     me.polygons.foreach_set("loop_start", array.array("i", range(0, 3 * nf, 3)))
+    me.validate(clean_customdata=False)  # an index out of range in a foreign file must not crash Blender
     me.update()
     return me
 
@@ -151,7 +192,8 @@ def _import_file(path: str) -> bpy.types.Object | None:
     before = set(bpy.data.objects)
     ext = os.path.splitext(path)[1].lower()
     op = {".stl": bpy.ops.wm.stl_import, ".obj": bpy.ops.wm.obj_import, ".ply": bpy.ops.wm.ply_import}[ext]
-    op(filepath=path)
+    # Mesh files of patient space are z-up: no axis conversion (OBJ's default would turn y-up to z-up).
+    op(filepath=path, forward_axis="Y", up_axis="Z")
     new = [o for o in bpy.data.objects if o not in before and o.type == "MESH"]
     if not new:
         return None
@@ -400,9 +442,11 @@ def manifest_from_folder(args: argparse.Namespace) -> dict:
                             "color": color, "file": os.path.join(folder, e["file"])})
     else:
         for n, fname in enumerate(sorted(os.listdir(folder)), 1):
-            if os.path.splitext(fname)[1].lower() in (".stl", ".obj", ".ply"):
-                objects.append({"name": os.path.splitext(fname)[0], "label": n, "category": "Other",
-                                "color": None, "file": os.path.join(folder, fname)})
+            stem, ext = os.path.splitext(fname)
+            if ext.lower() in (".stl", ".obj", ".ply"):
+                objects.append({"name": stem, "label": n, "category": guess_category(stem),
+                                "color": guess_color(stem, n) if args.palette == "auto" else None,
+                                "file": os.path.join(folder, fname)})
     if args.mapping_json:
         with open(args.mapping_json, encoding="utf-8") as f:
             mapping = json.load(f)

@@ -23,7 +23,12 @@ import sys
 
 import bpy  # type: ignore[import-not-found]
 from bpy.props import (  # type: ignore[import-not-found]
-    BoolProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty,
+    BoolProperty,
+    EnumProperty,
+    FloatProperty,
+    IntProperty,
+    PointerProperty,
+    StringProperty,
 )
 from mathutils import Matrix, Vector  # type: ignore[import-not-found]
 
@@ -219,7 +224,7 @@ def _changed(self, context) -> None:
     scene = context.scene if context is not None and context.scene is not None else bpy.context.scene
     try:
         update_plane(scene)
-    except Exception as exc:  # a missing PNG must not break the UI
+    except Exception as exc:  # noqa: BLE001 - a missing PNG must not break the UI
         print(f"segnode slices: {exc}")
 
 

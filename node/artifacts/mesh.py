@@ -8,12 +8,15 @@ How a mesh is made (:func:`structure_mesh`):
    extent (voxel edges). Where voxels of the label touch only along an edge or at a corner, the
    shared corner gets one vertex per surface sheet meeting there (a table of the 256 corner
    configurations says which face belongs to which sheet) and each copy is moved 2% of a voxel
-   towards its own voxels: every edge has exactly two faces, every vertex one fan, nothing intersects.
-   Diagonal neighbours therefore stay separate pieces (6-connectivity), as marching cubes keeps them.
+   towards its own faces: every edge has exactly two faces, every vertex one fan, and no two copies
+   share a position (an STL reader that merges equal positions keeps them apart). Diagonal
+   neighbours therefore stay separate pieces (6-connectivity), as marching cubes keeps them.
+   Why not marching cubes (VTK's flying edges): its surface cuts every corner, which takes 3-19 % off
+   ribs, adrenal glands and small vessels at 3 mm and 83 % off a one-voxel structure.
 2. **Smoothing** (``smooth_iters``, default 10): Taubin's lambda/mu filter (lambda 0.5, mu -0.53), a
-   low-pass that does not shrink the way Laplacian smoothing does; it takes the staircase off and
-   keeps the volume within a few per cent for anything thicker than a couple of voxels. 0 keeps the
-   exact voxel surface.
+   low-pass that does not shrink the way Laplacian smoothing does; it takes the staircase off. A
+   structure of a few voxels that would melt (half its volume gone) keeps its voxel surface. 0 keeps
+   the exact voxel surface everywhere.
 3. **Decimation** (``decimate``: the fraction of faces to keep, e.g. 0.1; default off): quadric edge
    collapse (fast-simplification), then the check below. About one structure in seven comes back with
    an edge of four faces, nearly always a back-to-back face pair (a "fin"), which is dropped; what is
@@ -53,7 +56,7 @@ from scipy import ndimage, sparse
 from scipy.sparse.csgraph import connected_components
 
 from node.classes import LabelClass, LabelVolume
-from node.volume import LPS_TO_RAS, Geometry
+from node.volume import Geometry
 
 log = logging.getLogger(__name__)
 
@@ -1124,6 +1127,6 @@ def _expected_classes(ctx: Any) -> dict[int, LabelClass]:
             from node.segment.snomed import task_classes
 
             return task_classes(request.task)
-        except Exception:  # TotalSegmentator not importable here: the classes we have
-            pass
+        except Exception as exc:  # noqa: BLE001 - TotalSegmentator not importable here: the classes we have
+            log.info("write_empty: no TotalSegmentator class map (%s); expecting the labels' classes", exc)
     return dict(ctx.labels.classes)

@@ -105,7 +105,7 @@ def load_mapping(path: Path | str) -> dict[str, tuple[int, int, int, int]]:
     elif isinstance(data, list):
         rows = [(str(r["name"]), r.get("color")) for r in data if isinstance(r, dict) and "name" in r]
     else:
-        raise ValueError(f"{path}: a colour mapping is an object name -> colour, or a list of rows")
+        raise ValueError(f"{path}: a colour mapping is an object name -> colour, or a list of rows")  # noqa: TRY004
     out = {}
     for name, value in rows:
         try:

@@ -188,7 +188,7 @@ def window_range(volume: Volume, window: str) -> tuple[float, float]:
         width, level = preset
         return level - width / 2.0, level + width / 2.0
     a = volume.array
-    step = max(1, int(round((a.size / 2_000_000) ** (1 / 3))))  # a sample of ~2 M voxels is enough
+    step = max(1, round((a.size / 2_000_000) ** (1 / 3)))  # a sample of ~2 M voxels is enough
     low, high = np.percentile(a[::step, ::step, ::step], (1, 99))
     if high <= low:
         high = low + 1.0
@@ -282,7 +282,7 @@ def write_slices(
         row_mm, col_mm = _spacing_of_axis(ct, view.row_axis), _spacing_of_axis(ct, view.col_axis)
         pitch = min(row_mm, col_mm)
         rows, cols = ct.array.shape[view.row_axis], ct.array.shape[view.col_axis]
-        size = (max(1, int(round(cols * col_mm / pitch))), max(1, int(round(rows * row_mm / pitch))))
+        size = (max(1, round(cols * col_mm / pitch)), max(1, round(rows * row_mm / pitch)))
         width = max(3, len(str(n)))
         entries = []
         for number in range(0, n, options.every):

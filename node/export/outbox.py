@@ -99,19 +99,29 @@ def dicom_files(results_dir: Path) -> list[Path]:
 class Outbox:
     """Durable deliveries of DICOM instances to the configured destinations; thread-safe."""
 
-    def __init__(self, data_dir: Path, destinations: Iterable[Destination], settings: OutboxSection = OutboxSection(),
-                 *, calling_aet: str = "SEGNODE", on_change: OnChange | None = None,
-                 senders: Callable[[Destination], Sender] | None = None,
-                 clock: Callable[[], float] = time.time, recover: bool = True) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        destinations: Iterable[Destination],
+        settings: OutboxSection | None = None,
+        *,
+        calling_aet: str = "SEGNODE",
+        on_change: OnChange | None = None,
+        senders: Callable[[Destination], Sender] | None = None,
+        clock: Callable[[], float] = time.time,
+        recover: bool = True,
+    ) -> None:
         """``recover=False`` for a second process on the same outbox (``segnode outbox``) while the node
         runs: only the process that delivers may take in-flight deliveries for interrupted ones."""
         self.root = Path(data_dir) / "outbox"
         self.root.mkdir(parents=True, exist_ok=True)
         self.db_path = Path(data_dir) / "outbox.db"
         self.destinations: dict[str, Destination] = {d.name: d for d in destinations}
+        settings = settings or OutboxSection()
         self.settings, self.on_change, self.clock = settings, on_change, clock
-        self._make_sender = senders or (lambda d: make_sender(d, calling_aet=calling_aet,
-                                                              timeout=settings.timeout_s))
+        self._make_sender = senders or (
+            lambda d: make_sender(d, calling_aet=calling_aet, timeout=settings.timeout_s)
+        )
         self._senders: dict[str, Sender] = {}
         self._sender_lock = threading.Lock()
         self._notify_lock = threading.Lock()
@@ -126,8 +136,14 @@ class Outbox:
 
     @classmethod
     def from_settings(cls, settings: Settings, on_change: OnChange | None = None, **kwargs: Any) -> Outbox:
-        return cls(Path(settings.node.data_dir), settings.destinations, settings.outbox,
-                   calling_aet=settings.dicom.ae_title, on_change=on_change, **kwargs)
+        return cls(
+            Path(settings.node.data_dir),
+            settings.destinations,
+            settings.outbox,
+            calling_aet=settings.dicom.ae_title,
+            on_change=on_change,
+            **kwargs,
+        )
 
     # --- SQLite ---------------------------------------------------------------------------------
     def _db(self) -> sqlite3.Connection:
@@ -175,11 +191,17 @@ class Outbox:
         """Deliveries left ``delivering`` by a stopped process: in doubt, due now."""
         now = self.clock()
         with self._tx() as db:
-            cursor = db.execute("update deliveries set state = 'pending', in_doubt = 1, next_at = ?, updated = ? "
-                                "where state = 'delivering'", (now, now))
+            cursor = db.execute(
+                "update deliveries set state = 'pending', in_doubt = 1, next_at = ?, updated = ? "
+                "where state = 'delivering'",
+                (now, now),
+            )
         if cursor.rowcount:
-            log.warning("outbox: %d delivery(ies) were in flight when the node stopped; the destinations "
-                        "are asked before they are sent again", cursor.rowcount)
+            log.warning(
+                "outbox: %d delivery(ies) were in flight when the node stopped; the destinations "
+                "are asked before they are sent again",
+                cursor.rowcount,
+            )
         return cursor.rowcount
 
     # --- queueing -------------------------------------------------------------------------------
@@ -188,11 +210,19 @@ class Outbox:
         names = list(getattr(job, "destinations", {}) or {})
         if not names:
             return {}
-        return self.enqueue(job.id, names, dicom_files(results_dir), source_series_uid=job.series_uid,
-                            study_uid=job.study_uid)
+        return self.enqueue(
+            job.id, names, dicom_files(results_dir), source_series_uid=job.series_uid, study_uid=job.study_uid
+        )
 
-    def enqueue(self, job_id: str, destinations: Iterable[str], files: Iterable[Path], *,
-                source_series_uid: str = "", study_uid: str = "") -> dict[str, dict[str, Any]]:
+    def enqueue(
+        self,
+        job_id: str,
+        destinations: Iterable[str],
+        files: Iterable[Path],
+        *,
+        source_series_uid: str = "",
+        study_uid: str = "",
+    ) -> dict[str, dict[str, Any]]:
         """Queue ``files`` for each destination; returns the job's state per destination."""
         staged = [s for s in (self._stage(Path(f)) for f in files) if s is not None]
         names = list(dict.fromkeys(destinations))
@@ -200,44 +230,73 @@ class Outbox:
         notes: dict[str, dict[str, Any]] = {}
         for name in names:
             if name not in self.destinations:
-                notes[name] = {"state": "failed", "last_error": f"no destination named {name!r} in the config"}
+                notes[name] = {
+                    "state": "failed",
+                    "last_error": f"no destination named {name!r} in the config",
+                }
             elif not staged:
                 notes[name] = {"state": "skipped", "last_error": "the job wrote no DICOM output to send"}
         cancelled_jobs: set[str] = set()
         with self._tx() as db:
-            db.execute("insert or ignore into jobs (job_id, source_series_uid, study_uid, created, notes) "
-                       "values (?,?,?,?,?)", (job_id, source_series_uid, study_uid, now, json.dumps(notes)))
+            db.execute(
+                "insert or ignore into jobs (job_id, source_series_uid, study_uid, created, notes) "
+                "values (?,?,?,?,?)",
+                (job_id, source_series_uid, study_uid, now, json.dumps(notes)),
+            )
             db.execute("update jobs set notes = ? where job_id = ?", (json.dumps(notes), job_id))
             created = db.execute("select created from jobs where job_id = ?", (job_id,)).fetchone()[0]
             for s in staged:
                 i = s.item
-                db.execute("insert or ignore into instances values (?,?,?,?,?,?,?,?)",
-                           (i.sop_uid, i.sop_class_uid, i.study_uid, i.series_uid, i.transfer_syntax,
-                            str(i.path), s.size, now))
+                db.execute(
+                    "insert or ignore into instances values (?,?,?,?,?,?,?,?)",
+                    (
+                        i.sop_uid,
+                        i.sop_class_uid,
+                        i.study_uid,
+                        i.series_uid,
+                        i.transfer_syntax,
+                        str(i.path),
+                        s.size,
+                        now,
+                    ),
+                )
             for name in names:
                 if name not in self.destinations or not staged:
                     continue
                 for s in staged:
-                    db.execute("insert or ignore into deliveries (destination, sop_uid, job_id, state, next_at, "
-                               "created, updated) values (?,?,?,'pending',?,?,?)",
-                               (name, s.item.sop_uid, job_id, now, now, now))
-                    db.execute("insert or ignore into job_deliveries values (?,?,?)", (job_id, name, s.item.sop_uid))
+                    db.execute(
+                        "insert or ignore into deliveries (destination, sop_uid, job_id, state, next_at, "
+                        "created, updated) values (?,?,?,'pending',?,?,?)",
+                        (name, s.item.sop_uid, job_id, now, now, now),
+                    )
+                    db.execute(
+                        "insert or ignore into job_deliveries values (?,?,?)", (job_id, name, s.item.sop_uid)
+                    )
                 if source_series_uid:
                     older = db.execute(
                         "select d.sop_uid, d.job_id from deliveries d join jobs j on j.job_id = d.job_id "
-                        "where d.destination = ? and d.state in ('pending', 'failed') and j.source_series_uid = ? "
-                        "and d.job_id != ? and j.created < ?", (name, source_series_uid, job_id, created)).fetchall()
+                        "where d.destination = ? and d.state in ('pending', 'failed') "
+                        "and j.source_series_uid = ? "
+                        "and d.job_id != ? and j.created < ?",
+                        (name, source_series_uid, job_id, created),
+                    ).fetchall()
                     mine = {st.item.sop_uid for st in staged}
                     for row in older:
                         if row["sop_uid"] in mine:  # the same instance again: this job needs it too
                             continue
-                        db.execute("update deliveries set state = 'cancelled', last_error = ?, updated = ? "
-                                   "where destination = ? and sop_uid = ? and state in ('pending', 'failed')",
-                                   (f"superseded by job {job_id}", now, name, row["sop_uid"]))
+                        db.execute(
+                            "update deliveries set state = 'cancelled', last_error = ?, updated = ? "
+                            "where destination = ? and sop_uid = ? and state in ('pending', 'failed')",
+                            (f"superseded by job {job_id}", now, name, row["sop_uid"]),
+                        )
                         cancelled_jobs.add(row["job_id"])
         if staged:
-            log.info("outbox: job %s: %d instance(s) queued for %s", job_id, len(staged),
-                     ", ".join(n for n in names if n in self.destinations) or "no known destination")
+            log.info(
+                "outbox: job %s: %d instance(s) queued for %s",
+                job_id,
+                len(staged),
+                ", ".join(n for n in names if n in self.destinations) or "no known destination",
+            )
         self._cleanup([s.item.sop_uid for s in staged])
         for other in sorted(cancelled_jobs):
             self._notify(other)
@@ -255,8 +314,12 @@ class Outbox:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
             meta = ds.file_meta
             sop_uid, sop_class = str(ds.SOPInstanceUID), str(ds.SOPClassUID)
-            item = dict(sop_class_uid=sop_class, study_uid=str(ds.StudyInstanceUID),
-                        series_uid=str(ds.SeriesInstanceUID), transfer_syntax=str(meta.TransferSyntaxUID))
+            item = {
+                "sop_class_uid": sop_class,
+                "study_uid": str(ds.StudyInstanceUID),
+                "series_uid": str(ds.SeriesInstanceUID),
+                "transfer_syntax": str(meta.TransferSyntaxUID),
+            }
         except Exception as exc:
             log.warning("outbox: %s is not a DICOM file to send (%s)", path, exc)
             return None
@@ -277,7 +340,9 @@ class Outbox:
                 self._sender(name)
             except Exception as exc:  # a bad destination shows on its deliveries, with this reason
                 log.warning("outbox: destination %s: %s", name, exc)
-            thread = threading.Thread(target=self._loop, args=(name,), name=f"segnode-outbox-{name}", daemon=True)
+            thread = threading.Thread(
+                target=self._loop, args=(name,), name=f"segnode-outbox-{name}", daemon=True
+            )
             thread.start()
             self._threads.append(thread)
         return self
@@ -305,9 +370,16 @@ class Outbox:
         tried = 0
         for name in [destination] if destination else list(self.destinations):
             now = self.clock()
-            due = self._db().execute(
-                "select sop_uid, job_id, in_doubt from deliveries where destination = ? and state = 'pending' "
-                "and next_at <= ? order by next_at, job_id, sop_uid", (name, now)).fetchall()
+            due = (
+                self._db()
+                .execute(
+                    "select sop_uid, job_id, in_doubt from deliveries "
+                    "where destination = ? and state = 'pending' "
+                    "and next_at <= ? order by next_at, job_id, sop_uid",
+                    (name, now),
+                )
+                .fetchall()
+            )
             by_job: dict[str, list[sqlite3.Row]] = defaultdict(list)
             for row in due:
                 by_job[row["job_id"]].append(row)
@@ -315,7 +387,7 @@ class Outbox:
                 for start in range(0, len(rows), BATCH):
                     if self._stop.is_set() and destination is None:
                         return tried
-                    claimed = self._claim(name, rows[start:start + BATCH])
+                    claimed = self._claim(name, rows[start : start + BATCH])
                     if claimed:
                         self._deliver(name, claimed)
                         tried += len(claimed)
@@ -325,8 +397,11 @@ class Outbox:
         now, claimed = self.clock(), []
         with self._tx() as db:
             for row in rows:
-                cursor = db.execute("update deliveries set state = 'delivering', updated = ? where destination = ? "
-                                    "and sop_uid = ? and state = 'pending'", (now, name, row["sop_uid"]))
+                cursor = db.execute(
+                    "update deliveries set state = 'delivering', updated = ? where destination = ? "
+                    "and sop_uid = ? and state = 'pending'",
+                    (now, name, row["sop_uid"]),
+                )
                 if cursor.rowcount == 1:
                     claimed.append(row)
         return claimed
@@ -370,31 +445,48 @@ class Outbox:
             outcome.setdefault(row["sop_uid"], Failure("the sender gave no result for this instance"))
         self._record(name, rows, outcome, notes)
 
-    def _record(self, name: str, rows: list[sqlite3.Row], outcome: Mapping[str, Failure | None],
-                notes: Mapping[str, str]) -> None:
+    def _record(
+        self,
+        name: str,
+        rows: list[sqlite3.Row],
+        outcome: Mapping[str, Failure | None],
+        notes: Mapping[str, str],
+    ) -> None:
         now = self.clock()
         jobs: set[str] = set()
         delivered: list[str] = []
         with self._tx() as db:
             for row in rows:
                 uid, failure = row["sop_uid"], outcome[row["sop_uid"]]
-                current = db.execute("select attempts from deliveries where destination = ? and sop_uid = ?",
-                                     (name, uid)).fetchone()
+                current = db.execute(
+                    "select attempts from deliveries where destination = ? and sop_uid = ?", (name, uid)
+                ).fetchone()
                 attempts = (current["attempts"] if current else 0) + (0 if uid in notes else 1)
                 if failure is None:
-                    db.execute("update deliveries set state = 'delivered', attempts = ?, delivered_at = ?, "
-                               "updated = ?, in_doubt = 0, last_error = ? where destination = ? and sop_uid = ?",
-                               (attempts, now, now, notes.get(uid), name, uid))
+                    db.execute(
+                        "update deliveries set state = 'delivered', attempts = ?, delivered_at = ?, "
+                        "updated = ?, in_doubt = 0, last_error = ? where destination = ? and sop_uid = ?",
+                        (attempts, now, now, notes.get(uid), name, uid),
+                    )
                     delivered.append(uid)
                 elif failure.permanent or attempts >= self.settings.max_attempts:
-                    db.execute("update deliveries set state = 'failed', attempts = ?, last_error = ?, updated = ? "
-                               "where destination = ? and sop_uid = ?", (attempts, failure.message, now, name, uid))
+                    db.execute(
+                        "update deliveries set state = 'failed', attempts = ?, last_error = ?, updated = ? "
+                        "where destination = ? and sop_uid = ?",
+                        (attempts, failure.message, now, name, uid),
+                    )
                 else:
-                    db.execute("update deliveries set state = 'pending', attempts = ?, last_error = ?, next_at = ?, "
-                               "updated = ?, in_doubt = 1 where destination = ? and sop_uid = ?",
-                               (attempts, failure.message, now + backoff(attempts, self.settings), now, name, uid))
-                jobs.update(r[0] for r in db.execute("select job_id from job_deliveries where destination = ? "
-                                                     "and sop_uid = ?", (name, uid)))
+                    db.execute(
+                        "update deliveries set state = 'pending', attempts = ?, last_error = ?, next_at = ?, "
+                        "updated = ?, in_doubt = 1 where destination = ? and sop_uid = ?",
+                        (attempts, failure.message, now + backoff(attempts, self.settings), now, name, uid),
+                    )
+                jobs.update(
+                    r[0]
+                    for r in db.execute(
+                        "select job_id from job_deliveries where destination = ? and sop_uid = ?", (name, uid)
+                    )
+                )
         failures = {uid: f for uid, f in outcome.items() if f is not None}
         if delivered:
             log.info("outbox: %d instance(s) delivered to %s", len(delivered), name)
@@ -411,8 +503,14 @@ class Outbox:
         row = self._db().execute("select * from instances where sop_uid = ?", (sop_uid,)).fetchone()
         if row is None:
             return None
-        return Item(sop_uid=row["sop_uid"], sop_class_uid=row["sop_class_uid"], study_uid=row["study_uid"],
-                    series_uid=row["series_uid"], transfer_syntax=row["transfer_syntax"], path=Path(row["path"]))
+        return Item(
+            sop_uid=row["sop_uid"],
+            sop_class_uid=row["sop_class_uid"],
+            study_uid=row["study_uid"],
+            series_uid=row["series_uid"],
+            transfer_syntax=row["transfer_syntax"],
+            path=Path(row["path"]),
+        )
 
     def _delete_superseded(self, name: str, job_id: str) -> None:
         """Deletes older jobs' results for the same series from this (Orthanc) destination."""
@@ -420,28 +518,46 @@ class Outbox:
         job = db.execute("select source_series_uid, created from jobs where job_id = ?", (job_id,)).fetchone()
         if job is None or not job["source_series_uid"]:
             return
-        mine = {r[0] for r in db.execute("select sop_uid from job_deliveries where job_id = ? and destination = ?",
-                                         (job_id, name))}
+        mine = {
+            r[0]
+            for r in db.execute(
+                "select sop_uid from job_deliveries where job_id = ? and destination = ?", (job_id, name)
+            )
+        }
         older = db.execute(
-            "select d.sop_uid, d.job_id from deliveries d join jobs j on j.job_id = d.job_id where d.destination = ? "
-            "and d.state = 'delivered' and d.removed_at is null and j.source_series_uid = ? and d.job_id != ? "
-            "and j.created < ?", (name, job["source_series_uid"], job_id, job["created"])).fetchall()
+            "select d.sop_uid, d.job_id from deliveries d join jobs j on j.job_id = d.job_id "
+            "where d.destination = ? and d.state = 'delivered' and d.removed_at is null "
+            "and j.source_series_uid = ? and d.job_id != ? "
+            "and j.created < ?",
+            (name, job["source_series_uid"], job_id, job["created"]),
+        ).fetchall()
         uids = [r["sop_uid"] for r in older if r["sop_uid"] not in mine]
         if not uids:
             return
         try:
             deleted = self._sender(name).delete(uids)
         except Exception as exc:
-            log.warning("outbox: superseded results of series %s not deleted from %s: %s",
-                        job["source_series_uid"], name, exc)
+            log.warning(
+                "outbox: superseded results of series %s not deleted from %s: %s",
+                job["source_series_uid"],
+                name,
+                exc,
+            )
             return
         now = self.clock()
         with self._tx() as tx:
             for uid in uids:  # gone, whether we deleted it or someone else did
-                tx.execute("update deliveries set removed_at = ?, updated = ? where destination = ? and sop_uid = ?",
-                           (now, now, name, uid))
-        log.info("outbox: %d superseded instance(s) of series %s deleted from %s (job %s is newer)",
-                 len(deleted), job["source_series_uid"], name, job_id)
+                tx.execute(
+                    "update deliveries set removed_at = ?, updated = ? where destination = ? and sop_uid = ?",
+                    (now, now, name, uid),
+                )
+        log.info(
+            "outbox: %d superseded instance(s) of series %s deleted from %s (job %s is newer)",
+            len(deleted),
+            job["source_series_uid"],
+            name,
+            job_id,
+        )
         for other in sorted({r["job_id"] for r in older}):
             self._notify(other)
 
@@ -449,8 +565,11 @@ class Outbox:
         """Outbox files whose every delivery is final (delivered or cancelled) are removed."""
         db = self._db()
         for uid in set(sop_uids):
-            open_ = db.execute("select count(*) from deliveries where sop_uid = ? and state not in "
-                               "('delivered', 'cancelled')", (uid,)).fetchone()[0]
+            open_ = db.execute(
+                "select count(*) from deliveries where sop_uid = ? and state not in "
+                "('delivered', 'cancelled')",
+                (uid,),
+            ).fetchone()[0]
             if open_ == 0:
                 (self.root / f"{uid}.dcm").unlink(missing_ok=True)
 
@@ -462,12 +581,22 @@ class Outbox:
         out: dict[str, dict[str, Any]] = {}
         if job is not None:
             for name, note in json.loads(job["notes"]).items():
-                out[name] = {"state": note["state"], "instances": 0, "delivered": 0, "attempts": 0,
-                             "last_error": note.get("last_error"), "next_attempt": None, "delivered_at": None}
+                out[name] = {
+                    "state": note["state"],
+                    "instances": 0,
+                    "delivered": 0,
+                    "attempts": 0,
+                    "last_error": note.get("last_error"),
+                    "next_attempt": None,
+                    "delivered_at": None,
+                }
         rows = db.execute(
-            "select jd.destination, d.state, d.attempts, d.last_error, d.next_at, d.delivered_at, d.removed_at "
-            "from job_deliveries jd join deliveries d on d.destination = jd.destination and d.sop_uid = jd.sop_uid "
-            "where jd.job_id = ? order by jd.destination, jd.sop_uid", (job_id,)).fetchall()
+            "select jd.destination, d.state, d.attempts, d.last_error, d.next_at, d.delivered_at, "
+            "d.removed_at from job_deliveries jd join deliveries d "
+            "on d.destination = jd.destination and d.sop_uid = jd.sop_uid "
+            "where jd.job_id = ? order by jd.destination, jd.sop_uid",
+            (job_id,),
+        ).fetchall()
         grouped: dict[str, list[sqlite3.Row]] = defaultdict(list)
         for row in rows:
             grouped[row["destination"]].append(row)
@@ -492,19 +621,35 @@ class Outbox:
         db = self._db()
         out = []
         names = list(self.destinations) + sorted(
-            {r[0] for r in db.execute("select distinct destination from deliveries")} - set(self.destinations))
+            {r[0] for r in db.execute("select distinct destination from deliveries")} - set(self.destinations)
+        )
         for name in names:
             counts = {state: 0 for state in STATES}
-            counts.update(dict(db.execute("select state, count(*) from deliveries where destination = ? "
-                                          "group by state", (name,)).fetchall()))
-            nxt = db.execute("select min(next_at) from deliveries where destination = ? and state = 'pending'",
-                             (name,)).fetchone()[0]
-            err = db.execute("select last_error from deliveries where destination = ? and state in "
-                             "('pending', 'failed') and last_error is not null order by updated desc limit 1",
-                             (name,)).fetchone()
+            counts.update(
+                dict(
+                    db.execute(
+                        "select state, count(*) from deliveries where destination = ? group by state", (name,)
+                    ).fetchall()
+                )
+            )
+            nxt = db.execute(
+                "select min(next_at) from deliveries where destination = ? and state = 'pending'", (name,)
+            ).fetchone()[0]
+            err = db.execute(
+                "select last_error from deliveries where destination = ? and state in "
+                "('pending', 'failed') and last_error is not null order by updated desc limit 1",
+                (name,),
+            ).fetchone()
             dest = self.destinations.get(name)
-            out.append({"destination": name, "kind": dest.kind if dest else "(not configured)", **counts,
-                        "next_attempt": nxt, "last_error": err[0] if err else None})
+            out.append(
+                {
+                    "destination": name,
+                    "kind": dest.kind if dest else "(not configured)",
+                    **counts,
+                    "next_attempt": nxt,
+                    "last_error": err[0] if err else None,
+                }
+            )
         return out
 
     def retry(self, destination: str | None = None, job_id: str | None = None) -> int:
@@ -515,19 +660,29 @@ class Outbox:
             where.append("d.destination = ?")
             args.append(destination)
         if job_id:
-            where.append("exists (select 1 from job_deliveries jd where jd.job_id = ? and "
-                         "jd.destination = d.destination and jd.sop_uid = d.sop_uid)")
+            where.append(
+                "exists (select 1 from job_deliveries jd where jd.job_id = ? and "
+                "jd.destination = d.destination and jd.sop_uid = d.sop_uid)"
+            )
             args.append(job_id)
         with self._tx() as db:
-            rows = db.execute(f"select d.destination, d.sop_uid from deliveries d where {' and '.join(where)}",
-                              args).fetchall()
+            rows = db.execute(
+                f"select d.destination, d.sop_uid from deliveries d where {' and '.join(where)}", args
+            ).fetchall()
             for row in rows:
-                db.execute("update deliveries set state = 'pending', attempts = 0, next_at = ?, updated = ? "
-                           "where destination = ? and sop_uid = ? and state = 'failed'",
-                           (now, now, row["destination"], row["sop_uid"]))
-            jobs = {r[0] for row in rows for r in db.execute(
-                "select job_id from job_deliveries where destination = ? and sop_uid = ?",
-                (row["destination"], row["sop_uid"]))}
+                db.execute(
+                    "update deliveries set state = 'pending', attempts = 0, next_at = ?, updated = ? "
+                    "where destination = ? and sop_uid = ? and state = 'failed'",
+                    (now, now, row["destination"], row["sop_uid"]),
+                )
+            jobs = {
+                r[0]
+                for row in rows
+                for r in db.execute(
+                    "select job_id from job_deliveries where destination = ? and sop_uid = ?",
+                    (row["destination"], row["sop_uid"]),
+                )
+            }
         for job in sorted(jobs):
             self._notify(job)
         for row in rows:
@@ -571,7 +726,9 @@ def _summary(rows: list[sqlite3.Row]) -> dict[str, Any]:
     pending = [r["next_at"] for r in rows if r["state"] == "pending"]
     done = [r["delivered_at"] for r in rows if r["delivered_at"] is not None]
     summary: dict[str, Any] = {
-        "state": state, "instances": len(rows), "delivered": delivered,
+        "state": state,
+        "instances": len(rows),
+        "delivered": delivered,
         "attempts": max(r["attempts"] for r in rows),
         "last_error": errors[0] if errors else None,
         "next_attempt": round(min(pending), 3) if pending else None,

@@ -102,8 +102,13 @@ def _http_session(username: str, password: str, token: str, verify_tls: bool, ca
 
 
 def destination_session(destination: Destination):
-    return _http_session(destination.username, destination.password.get_secret_value(),
-                         destination.token.get_secret_value(), destination.verify_tls, destination.ca_bundle)
+    return _http_session(
+        destination.username,
+        destination.password.get_secret_value(),
+        destination.token.get_secret_value(),
+        destination.verify_tls,
+        destination.ca_bundle,
+    )
 
 
 def _http_failure(exc: Exception) -> DeliveryError:
@@ -113,12 +118,14 @@ def _http_failure(exc: Exception) -> DeliveryError:
     if isinstance(exc, requests.HTTPError) and response is not None:
         body = (response.text or "").strip().replace("\n", " ")[:200]
         status = response.status_code
-        return DeliveryError(f"HTTP {status} {response.reason}: {body}".rstrip(": "),
-                             permanent=status not in TRANSIENT_HTTP)
+        return DeliveryError(
+            f"HTTP {status} {response.reason}: {body}".rstrip(": "), permanent=status not in TRANSIENT_HTTP
+        )
     return DeliveryError(f"{type(exc).__name__}: {exc}")
 
 
 # --- DICOMweb STOW-RS -----------------------------------------------------------------------------
+
 
 class StowSender:
     """STOW-RS (PS3.18 10.5) of the files as they are, and QIDO-RS (dicomweb-client) to ask what the
@@ -169,11 +176,17 @@ class StowSender:
                     yield b"\r\n"
                 yield tail
 
-        headers = {"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-                   "Accept": "application/dicom+json"}
+        headers = {
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+            "Accept": "application/dicom+json",
+        }
         try:
-            response = self.session.post(f"{self.url}/studies", data=Body(), headers=headers,
-                                         timeout=(min(self.timeout, 10.0), self.timeout))
+            response = self.session.post(
+                f"{self.url}/studies",
+                data=Body(),
+                headers=headers,
+                timeout=(min(self.timeout, 10.0), self.timeout),
+            )
             if response.status_code not in (200, 202, 409):  # 202/409: some/none stored, the body says which
                 response.raise_for_status()
         except (requests.RequestException, OSError) as exc:
@@ -181,7 +194,9 @@ class StowSender:
         try:
             answer = pydicom.Dataset.from_json(response.json()) if response.content else pydicom.Dataset()
         except ValueError as exc:
-            raise DeliveryError(f"STOW-RS answered HTTP {response.status_code} with an unreadable body: {exc}")
+            raise DeliveryError(
+                f"STOW-RS answered HTTP {response.status_code} with an unreadable body: {exc}"
+            )
         return response.status_code, answer
 
     def send(self, items: list[Item]) -> dict[str, Failure | None]:
@@ -190,12 +205,19 @@ class StowSender:
         for entry in answer.get("FailedSOPSequence", []) or []:
             uid = str(entry.get("ReferencedSOPInstanceUID", ""))
             reason = int(entry.get("FailureReason", 0x0110) or 0x0110)
-            failed[uid] = Failure(f"STOW-RS failure reason 0x{reason:04X}", permanent=not _transient_status(reason))
-        stored = {str(e.get("ReferencedSOPInstanceUID", "")) for e in answer.get("ReferencedSOPSequence", []) or []}
+            failed[uid] = Failure(
+                f"STOW-RS failure reason 0x{reason:04X}", permanent=not _transient_status(reason)
+            )
+        stored = {
+            str(e.get("ReferencedSOPInstanceUID", "")) for e in answer.get("ReferencedSOPSequence", []) or []
+        }
         unlisted = Failure(f"STOW-RS answered HTTP {status} without this instance among the stored ones")
         # 200: all stored unless listed as failed; 202/409: only those listed as stored.
-        return {item.sop_uid: failed.get(item.sop_uid) or (None if status == 200 or item.sop_uid in stored else unlisted)
-                for item in items}
+        return {
+            item.sop_uid: failed.get(item.sop_uid)
+            or (None if status == 200 or item.sop_uid in stored else unlisted)
+            for item in items
+        }
 
     def present(self, items: list[Item]) -> set[str] | None:
         import requests
@@ -204,7 +226,8 @@ class StowSender:
         try:
             for item in items:
                 hits = self.client.search_for_instances(
-                    study_instance_uid=item.study_uid, search_filters={"SOPInstanceUID": item.sop_uid})
+                    study_instance_uid=item.study_uid, search_filters={"SOPInstanceUID": item.sop_uid}
+                )
                 if any(h.get("00080018", {}).get("Value", [None])[0] == item.sop_uid for h in hits):
                     found.add(item.sop_uid)
         except (requests.RequestException, OSError) as exc:
@@ -233,10 +256,13 @@ class CStoreSender:
     """C-STORE with pynetdicom: one association per batch, a presentation context per SOP class and
     transfer syntax of the files (plus Explicit/Implicit VR Little Endian for uncompressed ones)."""
 
-    def __init__(self, destination: Destination, *, calling_aet: str = "SEGNODE", timeout: float = 60.0) -> None:
+    def __init__(
+        self, destination: Destination, *, calling_aet: str = "SEGNODE", timeout: float = 60.0
+    ) -> None:
         if not (destination.host and destination.ae_title):
-            raise DeliveryError(f"destination {destination.name}: kind cstore needs host and ae_title",
-                                permanent=True)
+            raise DeliveryError(
+                f"destination {destination.name}: kind cstore needs host and ae_title", permanent=True
+            )
         self.destination, self.calling_aet, self.timeout = destination, calling_aet, timeout
 
     def _ae(self):
@@ -256,12 +282,16 @@ class CStoreSender:
         if assoc.is_established:
             return assoc
         if assoc.is_rejected:
-            raise DeliveryError(f"association rejected by {d.ae_title}@{d.host}:{d.port} "
-                                f"(check the AE titles)", permanent=True)
-        raise DeliveryError(f"no association with {d.ae_title}@{d.host}:{d.port} (refused, aborted or timed out)")
+            raise DeliveryError(
+                f"association rejected by {d.ae_title}@{d.host}:{d.port} (check the AE titles)",
+                permanent=True,
+            )
+        raise DeliveryError(
+            f"no association with {d.ae_title}@{d.host}:{d.port} (refused, aborted or timed out)"
+        )
 
     def send(self, items: list[Item]) -> dict[str, Failure | None]:
-        from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
+        from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
         ae = self._ae()
         contexts: dict[str, set[str]] = {}
@@ -293,8 +323,10 @@ class CStoreSender:
                     results[item.sop_uid] = Failure("no C-STORE response (connection lost or timed out)")
                 else:
                     comment = str(getattr(status, "ErrorComment", "") or "")
-                    results[item.sop_uid] = Failure(f"C-STORE status 0x{code:04X}{': ' + comment if comment else ''}",
-                                                    permanent=not _transient_status(code))
+                    results[item.sop_uid] = Failure(
+                        f"C-STORE status 0x{code:04X}{': ' + comment if comment else ''}",
+                        permanent=not _transient_status(code),
+                    )
         finally:
             if assoc.is_established:
                 assoc.release()
@@ -307,10 +339,7 @@ class CStoreSender:
 
         ae = self._ae()
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-        try:
-            assoc = self._associate(ae)
-        except DeliveryError:
-            raise
+        assoc = self._associate(ae)
         found: set[str] = set()
         try:
             for item in items:
@@ -319,10 +348,12 @@ class CStoreSender:
                 query.StudyInstanceUID, query.SeriesInstanceUID = item.study_uid, item.series_uid
                 query.SOPInstanceUID = item.sop_uid
                 try:
-                    for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
-                        if status and status.Status in (0xFF00, 0xFF01) and identifier is not None:
-                            if str(identifier.get("SOPInstanceUID", "")) == item.sop_uid:
-                                found.add(item.sop_uid)
+                    for status, identifier in assoc.send_c_find(
+                        query, StudyRootQueryRetrieveInformationModelFind
+                    ):
+                        pending = status and status.Status in (0xFF00, 0xFF01) and identifier is not None
+                        if pending and str(identifier.get("SOPInstanceUID", "")) == item.sop_uid:
+                            found.add(item.sop_uid)
                 except (ValueError, RuntimeError):  # C-FIND not accepted: we cannot tell
                     return None
         finally:
@@ -338,6 +369,7 @@ class CStoreSender:
 
 
 # --- a folder -------------------------------------------------------------------------------------
+
 
 class FolderSender:
     """Copies each instance to ``<path>/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm`` (temporary name,
@@ -374,8 +406,11 @@ class FolderSender:
         return results
 
     def present(self, items: list[Item]) -> set[str] | None:
-        return {item.sop_uid for item in items
-                if self._target(item).is_file() and self._target(item).stat().st_size == item.path.stat().st_size}
+        return {
+            item.sop_uid
+            for item in items
+            if self._target(item).is_file() and self._target(item).stat().st_size == item.path.stat().st_size
+        }
 
     def delete(self, sop_uids: list[str]) -> list[str]:
         raise DeliveryError("a folder destination does not delete superseded results", permanent=True)
@@ -394,24 +429,39 @@ def _fsync_dir(path: Path) -> None:
 
 # --- Orthanc's REST API (superseded results) ------------------------------------------------------
 
+
 class OrthancAdmin:
     """Finds instances by SOP Instance UID (``POST /tools/lookup``) and deletes them
     (``DELETE /instances/{id}``), through orthanc-api-client."""
 
-    def __init__(self, url: str, *, username: str = "", password: str = "", token: str = "",
-                 verify_tls: bool = True, ca_bundle: Path | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        username: str = "",
+        password: str = "",
+        token: str = "",
+        verify_tls: bool = True,
+        ca_bundle: Path | None = None,
+    ) -> None:
         from orthanc_api_client import OrthancApiClient
 
-        self.client = OrthancApiClient(url.rstrip("/") + "/", user=username or None, pwd=password or None,
-                                       api_token=token or None)
+        self.client = OrthancApiClient(
+            url.rstrip("/") + "/", user=username or None, pwd=password or None, api_token=token or None
+        )
         # Our session: the same auth, and TLS settings that REQUESTS_CA_BUNDLE cannot override.
         self.client._http_session = _http_session(username, password, token, verify_tls, ca_bundle)
 
     @classmethod
     def for_destination(cls, destination: Destination) -> OrthancAdmin:
-        return cls(orthanc_root(destination), username=destination.username,
-                   password=destination.password.get_secret_value(), token=destination.token.get_secret_value(),
-                   verify_tls=destination.verify_tls, ca_bundle=destination.ca_bundle)
+        return cls(
+            orthanc_root(destination),
+            username=destination.username,
+            password=destination.password.get_secret_value(),
+            token=destination.token.get_secret_value(),
+            verify_tls=destination.verify_tls,
+            ca_bundle=destination.ca_bundle,
+        )
 
     def delete_instances(self, sop_uids: Iterable[str]) -> list[str]:
         """Deletes the instances Orthanc holds; returns the SOP Instance UIDs it deleted."""
@@ -429,7 +479,9 @@ def orthanc_root(destination: Destination) -> str:
     if destination.orthanc_url:
         return destination.orthanc_url.rstrip("/")
     if destination.kind != "stowrs" or not destination.url:
-        raise DeliveryError(f"destination {destination.name}: delete_superseded needs orthanc_url", permanent=True)
+        raise DeliveryError(
+            f"destination {destination.name}: delete_superseded needs orthanc_url", permanent=True
+        )
     parsed = urlparse(destination.url.rstrip("/"))
     path = parsed.path
     for suffix in ("/dicom-web", "/dicomweb", "/dicom-web/studies"):

@@ -49,8 +49,8 @@ def build_map(cache: Path = CACHE) -> LabelVolume:
         box = ndimage.find_objects((src == i).astype(np.uint8))[0]
         box = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(box, src.shape))
         mask = (src[box] == i).astype(np.float32)
-        lo = [int(round(s.start * z)) for s, z in zip(box, zoom)]
-        hi = [min(int(round(s.stop * z)), n) for s, z, n in zip(box, zoom, SHAPE_KJI)]
+        lo = [round(s.start * z) for s, z in zip(box, zoom)]
+        hi = [min(round(s.stop * z), n) for s, z, n in zip(box, zoom, SHAPE_KJI)]
         big = ndimage.zoom(mask, [(h - l) / m for h, l, m in zip(hi, lo, mask.shape)], order=1, grid_mode=True,
                            mode="grid-constant")
         big = big[: hi[0] - lo[0], : hi[1] - lo[1], : hi[2] - lo[2]] > 0.5

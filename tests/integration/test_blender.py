@@ -7,6 +7,7 @@ Needs a Blender: ``.venv-blender`` (scripts/setup.sh: pip's bpy 5.0.1 with numpy
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import textwrap
 from pathlib import Path
@@ -21,9 +22,9 @@ from node.classes import LabelVolume
 from node.phantom import TINY, make_phantom
 
 BLENDER = find_blender()
-pytestmark = pytest.mark.skipif(
+needs_blender = pytest.mark.skipif(
     BLENDER is None, reason="no Blender: run scripts/setup.sh (.venv-blender with bpy 5.0.1) or set SEGNODE_BLENDER")
-SAMPLE = Path("/work/shared/data/totalsegmentator/example_seg.nii.gz")
+SAMPLE = Path(os.environ.get("SEGNODE_SAMPLE_DIR", "/work/shared/data/totalsegmentator")) / "example_seg.nii.gz"
 
 # Runs in bpy: opens a .blend and reports what is in it; then registers the slice add-on from its text
 # block and moves the slider through the requested (plane, slice) pairs.
@@ -58,7 +59,10 @@ INSPECT = textwrap.dedent('''
         bpy.data.texts["segnode_dicom_slices.py"].as_module()  # registers, as on load
         settings = bpy.context.scene.segnode_slices
         out["saved_settings"] = [settings.folder, settings.axis, settings.slice]
-        for plane, number in args["moves"]:
+        for move in args["moves"]:
+            plane, number = move[0], move[1]
+            if len(move) > 2:
+                settings.folder = move[2]
             settings.axis = plane
             settings.slice = number
             obj = bpy.data.objects["DICOM Slice"]
@@ -71,11 +75,11 @@ INSPECT = textwrap.dedent('''
 ''')
 
 
-def inspect(blend: Path, tmp_path: Path, moves: list[tuple[str, int]] | None = None) -> dict:
+def inspect(blend: Path, tmp_path: Path, moves: list[tuple] | None = None) -> dict:
     script = tmp_path / "inspect_blend.py"
     script.write_text(INSPECT, encoding="utf-8")
     argv = BLENDER.argv(script, [json.dumps({"blend": str(blend), "moves": moves or []})])  # type: ignore[union-attr]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(l for l in proc.stdout.splitlines() if l.startswith("INSPECT"))
     return json.loads(line[len("INSPECT"):])
@@ -91,6 +95,7 @@ def phantom():
     return make_phantom(TINY)
 
 
+@needs_blender
 def test_phantom_scene_from_a_mesh_folder(phantom, tmp_path: Path) -> None:
     labels = phantom.labels
     index = M.export_meshes(labels, tmp_path / "meshes", M.MeshOptions(export_format="stl", decimate=0.3))
@@ -131,6 +136,29 @@ def test_phantom_scene_from_a_mesh_folder(phantom, tmp_path: Path) -> None:
     assert dz == pytest.approx(24 * 6.0 * 1e-3, abs=1e-6)  # 24 slices of 6 mm, in metres
 
 
+@needs_blender
+def test_addon_fits_plain_png_folders_to_the_organs(phantom, tmp_path: Path) -> None:
+    """A folder of PNGs without slices.json (older scripts'): the image spans the organs' box and moves
+    through it with the slice number."""
+    meshes = M.label_meshes(phantom.labels, M.MeshOptions(decimate=0.3, workers=1))
+    write_slices(phantom.ct, tmp_path / "slices", SliceOptions(planes=("axial",), contact_sheet=False))
+    plain = tmp_path / "plain" / "axial"
+    plain.mkdir(parents=True)
+    for png in sorted((tmp_path / "slices" / "axial").glob("*.png"))[:5]:
+        (plain / png.name).write_bytes(png.read_bytes())
+    build_scene(meshes, tmp_path / "scene.blend", SceneOptions(), slices=tmp_path / "slices",
+                classes=phantom.labels.classes)
+    got = inspect(tmp_path / "scene.blend", tmp_path, [("axial", 1, "//plain"), ("axial", 5, "//plain")])
+    lo = np.min([m.bounds[0] for m in meshes], axis=0) * 1e-3
+    hi = np.max([m.bounds[1] for m in meshes], axis=0) * 1e-3
+    first, last = (np.array(p["vertices"]) for p in got["planes"])
+    assert np.allclose(first.min(axis=0)[:2], lo[:2], atol=1e-5) and np.allclose(first.max(axis=0)[:2], hi[:2], atol=1e-5)
+    assert np.allclose(first[:, 2], lo[2], atol=1e-5) and np.allclose(last[:, 2], hi[2], atol=1e-5)
+    assert first[0][0] > first[1][0] and first[0][1] > first[3][1]  # top-left: patient right, anterior
+    assert got["planes"][1]["image"].endswith("plain/axial/005.png")
+
+
+@needs_blender
 def test_transforms_auto_palette_mapping_and_remesh(phantom, tmp_path: Path) -> None:
     labels = phantom.labels
     meshes = M.label_meshes(labels, M.MeshOptions(decimate=0.3, workers=1))
@@ -159,6 +187,7 @@ def test_transforms_auto_palette_mapping_and_remesh(phantom, tmp_path: Path) -> 
     assert np.allclose(np.array(got["world_from_ras_mm"]).reshape(4, 4)[:3, :3], t, atol=1e-9)
 
 
+@needs_blender
 @pytest.mark.skipif(not SAMPLE.is_file(), reason="the TotalSegmentator sample is not on this machine")
 def test_real_sample_41_structures(tmp_path: Path) -> None:
     from node.nifti import read_nifti
@@ -183,18 +212,35 @@ def test_real_sample_41_structures(tmp_path: Path) -> None:
         assert np.allclose(o["base_color"][:3], [linear(c) for c in classes[m.label].color], atol=1e-4)
 
 
+@needs_blender
 def test_users_command_line_on_a_mesh_folder(phantom, tmp_path: Path) -> None:
     """What a user without segnode runs: blender -b -P blender_scene.py -- --mesh-dir ... --save ..."""
     M.export_meshes(phantom.labels, tmp_path / "meshes", M.MeshOptions(export_format="ply", decimate=0.3))
     argv = BLENDER.argv(SCRIPT, ["--mesh-dir", str(tmp_path / "meshes"), "--save", str(tmp_path / "u.blend"),  # type: ignore[union-attr]
                                  "--palette", "auto", "--group-categories", "--units", "mm"])
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = inspect(tmp_path / "u.blend", tmp_path)
     assert "Vessel" in got["collections"]["Organs"]
     assert np.allclose(got["objects"]["aorta"]["base_color"][:3], [linear(c) for c in (200, 40, 40)], atol=1e-4)
+    # Plain STL and OBJ files (no meshes.json): Blender's importers, no axis change, names from the files.
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    index = {e["name"]: e for e in json.loads((tmp_path / "meshes" / "meshes.json").read_text())["meshes"]}
+    for name, suffix in (("liver", ".obj"), ("aorta", ".stl"), ("vertebrae_L1", ".stl")):
+        v, f = M.read_mesh(tmp_path / "meshes" / f"{name}.ply")
+        M.write_mesh(plain / f"{name}{suffix}", v, f, name)
+    argv = BLENDER.argv(SCRIPT, ["--mesh-dir", str(plain), "--save", str(tmp_path / "p.blend"),  # type: ignore[union-attr]
+                                 "--palette", "auto", "--group-categories"])
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = inspect(tmp_path / "p.blend", tmp_path)
+    assert got["collections"]["Organs"] == ["Abdominal", "Bone", "Vessel"]
+    for name in ("liver", "aorta", "vertebrae_L1"):
+        assert np.allclose(np.array(got["objects"][name]["bbox"]) * 1000.0, index[name]["bounds"], atol=0.05), name
 
 
+@needs_blender
 def test_pipeline_outputs_meshes_slices_blender(phantom, tmp_path: Path) -> None:
     from node.nifti import write_nifti
     from node.pipeline import PipelineRequest, run_pipeline
@@ -216,3 +262,27 @@ def test_pipeline_outputs_meshes_slices_blender(phantom, tmp_path: Path) -> None
     assert result.report["qc"]["blender"]["objects"] == len(phantom.labels.classes)
     got = inspect(tmp_path / "run" / "scene.blend", tmp_path, [("axial", 3)])
     assert got["planes"][0]["image"].endswith("slices/axial/003.png")
+
+
+def test_without_blender_the_stage_is_skipped_and_the_run_goes_on(phantom, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from node.artifacts.blender import BlenderError
+    from node.pipeline import PipelineRequest, run_pipeline
+    from node.segment import SegmentRequest
+
+    monkeypatch.setenv("SEGNODE_BLENDER", str(tmp_path / "no-such-blender"))
+    assert find_blender() is None
+    with pytest.raises(BlenderError) as err:
+        build_scene([], tmp_path / "x.blend")
+    assert err.value.code == "no_blender"
+    from node.nifti import write_nifti
+    from node.segment.labelmap import write_class_table
+
+    write_nifti(phantom.labels, tmp_path / "labels.nii.gz")
+    write_class_table(phantom.labels.classes, tmp_path / "labels.json")
+    request = PipelineRequest(segment=SegmentRequest(engine="labelmap", labels_path=tmp_path / "labels.nii.gz"),
+                              outputs=("blender",))
+    result = run_pipeline(phantom.ct, tmp_path / "run", request)
+    assert result.ok and "blender" not in result.report["outputs"]
+    stage = next(s for s in result.report["stages"] if s["name"] == "blender")
+    assert stage["state"] == "skipped" and "no Blender" in stage["message"]

@@ -59,8 +59,8 @@ class Node:
         self.config = workdir / "node.toml"
         self.config.write_text(f"""
 [node]
-data_dir = "{workdir / 'data'}"
-rules = "{workdir / 'rules.toml'}"
+data_dir = "{workdir / "data"}"
+rules = "{workdir / "rules.toml"}"
 [dicom]
 host = "127.0.0.1"
 port = {self.dicom_port}
@@ -87,8 +87,13 @@ poll_s = 0.2
         self.starts += 1
         with open(self.workdir / f"serve-{self.starts}.log", "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "node", "--config", str(self.config), "serve"], cwd=REPO, stdout=log,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                [sys.executable, "-m", "node", "--config", str(self.config), "serve"],
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
+            )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -102,12 +107,15 @@ poll_s = 0.2
         raise AssertionError(f"segnode serve did not start:\n{self.log()}")
 
     def log(self) -> str:
-        return "\n".join((self.workdir / f"serve-{n}.log").read_text(errors="replace")[-3000:]
-                         for n in range(1, self.starts + 1))
+        return "\n".join(
+            (self.workdir / f"serve-{n}.log").read_text(errors="replace")[-3000:]
+            for n in range(1, self.starts + 1)
+        )
 
     def api(self, path: str) -> Any:
-        response = httpx.get(self.url + path, headers={"Authorization": f"Bearer {TOKEN}"}, trust_env=False,
-                             timeout=10)
+        response = httpx.get(
+            self.url + path, headers={"Authorization": f"Bearer {TOKEN}"}, trust_env=False, timeout=10
+        )
         response.raise_for_status()
         return response.json()
 
@@ -177,7 +185,7 @@ password = "{PASSWORD}"
 
 
 def source_uids(phantom: dict[str, Path]) -> tuple[str, str]:
-    first = pydicom.dcmread(sorted(phantom["dicom"].iterdir())[0], stop_before_pixels=True)
+    first = pydicom.dcmread(min(phantom["dicom"].iterdir()), stop_before_pixels=True)
     return str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
 
 
@@ -191,7 +199,9 @@ def wait_for(what: str, probe: Callable[[], Any], timeout: float = 60, logs: Cal
     raise AssertionError(f"{what}: not within {timeout} s\n{logs()}")
 
 
-def assert_seg_is_the_jobs_labels(seg_bytes: bytes, job: dict, phantom: dict[str, Path], tmp_path: Path) -> None:
+def assert_seg_is_the_jobs_labels(
+    seg_bytes: bytes, job: dict, phantom: dict[str, Path], tmp_path: Path
+) -> None:
     path = tmp_path / "retrieved-seg.dcm"
     path.write_bytes(seg_bytes)
     decoded = read_seg(path, phantom["dicom"])
@@ -202,30 +212,46 @@ def assert_seg_is_the_jobs_labels(seg_bytes: bytes, job: dict, phantom: dict[str
 
 
 def test_a_series_stored_into_orthanc_comes_back_as_a_seg_through_the_plugin(
-        secure_orthanc, node_factory, phantom, tmp_path: Path) -> None:
+    secure_orthanc, node_factory, phantom, tmp_path: Path
+) -> None:
     node = node_factory("")
     orthanc = secure_orthanc(
-        python_script=PLUGIN, stable_age=1, env={"SEGNODE_VENV": str(REPO / ".venv")},
-        extra_config={"Segnode": {"NodeUrl": node.url, "NodeToken": TOKEN, "FirstRetrySeconds": 0.2}})
+        python_script=PLUGIN,
+        stable_age=1,
+        env={"SEGNODE_VENV": str(REPO / ".venv")},
+        extra_config={"Segnode": {"NodeUrl": node.url, "NodeToken": TOKEN, "FirstRetrySeconds": 0.2}},
+    )
     with open(node.config, "a") as config:
-        config.write(stow_destination(orthanc) + f"""
+        config.write(
+            stow_destination(orthanc)
+            + f"""
 [orthanc]
 url = "{orthanc.http_url}"
 username = "{USER}"
 password = "{PASSWORD}"
-""")
+"""
+        )
     node.start()
     study, series = source_uids(phantom)
-    unauthenticated = httpx.post(f"{node.url}/api/orthanc/series", json={"study_uid": study, "series_uid": series},
-                                 trust_env=False)
+    unauthenticated = httpx.post(
+        f"{node.url}/api/orthanc/series", json={"study_uid": study, "series_uid": series}, trust_env=False
+    )
     assert unauthenticated.status_code == 401  # the hand-off route is behind the node's tokens
 
     storescu([phantom["dicom"]], "127.0.0.1", orthanc.dicom_port, orthanc.aet)
 
-    segs = wait_for("a SEG series in the study (QIDO-RS)", lambda: orthanc.qido(f"/studies/{study}/series?Modality=SEG"),
-                    logs=lambda: node.log() + orthanc.log_tail())
+    segs = wait_for(
+        "a SEG series in the study (QIDO-RS)",
+        lambda: orthanc.qido(f"/studies/{study}/series?Modality=SEG"),
+        logs=lambda: node.log() + orthanc.log_tail(),
+    )
     job = node.wait_job(lambda j: j["destinations"].get("orthanc", {}).get("state") == "delivered")
-    assert (job["state"], job["series_uid"], job["study_uid"], job["sender"]["via"]) == ("done", series, study, "orthanc")
+    assert (job["state"], job["series_uid"], job["study_uid"], job["sender"]["via"]) == (
+        "done",
+        series,
+        study,
+        "orthanc",
+    )
     assert job["instance_count"] == 40
     delivered = job["destinations"]["orthanc"]
     assert (delivered["instances"], delivered["delivered"], delivered["attempts"]) == (1, 1, 1)
@@ -235,22 +261,33 @@ password = "{PASSWORD}"
     assert len(instances) == 1
     sop = instances[0]["00080018"]["Value"][0]
     content_type, body = orthanc.request(
-        "GET", f"/dicom-web/studies/{study}/series/{seg_series}/instances/{sop}",
-        headers={"Accept": 'multipart/related; type="application/dicom"'})
-    (_, seg_part), = parse_multipart_related(content_type, body)
+        "GET",
+        f"/dicom-web/studies/{study}/series/{seg_series}/instances/{sop}",
+        headers={"Accept": 'multipart/related; type="application/dicom"'},
+    )
+    ((_, seg_part),) = parse_multipart_related(content_type, body)
     seg = pydicom.dcmread(io.BytesIO(seg_part))
     assert (seg.Modality, seg.Manufacturer, list(seg.ImageType)) == ("SEG", "segnode", ["DERIVED", "PRIMARY"])
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series
     assert_seg_is_the_jobs_labels(seg_part, job, phantom, tmp_path)
     # The SEG became a stable series in Orthanc too: the plugin saw it and kept it from the node.
-    status = wait_for("the plugin's decision on the SEG series",
-                      lambda: (s := orthanc.rest_get("/segnode/status"))["skipped"] and s)
+    status = wait_for(
+        "the plugin's decision on the SEG series",
+        lambda: (s := orthanc.rest_get("/segnode/status"))["skipped"] and s,
+    )
     assert (status["handed_off"], status["skipped"], status["failed"]) == (1, 1, 0)
     skipped = next(e for e in status["recent"] if e["outcome"] == "skipped")
-    assert (skipped["series_uid"], skipped["reason"]) == (seg_series, "Modality SEG is not an image to segment")
+    assert (skipped["series_uid"], skipped["reason"]) == (
+        seg_series,
+        "Modality SEG is not an image to segment",
+    )
     handed = next(e for e in status["recent"] if e["outcome"] == "handed_off")
-    assert {k: handed["node"][k] for k in ("instances", "stored", "duplicates", "refused")} == \
-        {"instances": 40, "stored": 40, "duplicates": 0, "refused": 0}
+    assert {k: handed["node"][k] for k in ("instances", "stored", "duplicates", "refused")} == {
+        "instances": 40,
+        "stored": 40,
+        "duplicates": 0,
+        "refused": 0,
+    }
     assert [s["series_uid"] for s in node.api("/api/series")] == [series]
 
 
@@ -277,12 +314,13 @@ ae_title = "{orthanc.aet}"
 
 
 def test_a_result_waiting_for_orthanc_is_delivered_once_it_is_back_exactly_once(
-        secure_orthanc, node_factory, phantom) -> None:
+    secure_orthanc, node_factory, phantom
+) -> None:
     orthanc = secure_orthanc()
     orthanc.process.kill()  # down before the result exists (kill -9: no 3.5 s shutdown)
     orthanc.stop()
     node = node_factory(stow_destination(orthanc)).start()
-    study, series = source_uids(phantom)
+    study, _ = source_uids(phantom)
 
     storescu([phantom["dicom"]], "127.0.0.1", node.dicom_port, "SEGNODE")
     waiting = node.wait_job(lambda j: j["destinations"].get("orthanc", {}).get("attempts", 0) >= 2)

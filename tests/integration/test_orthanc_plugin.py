@@ -39,12 +39,15 @@ class Recorder:
         recorder = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                recorder.requests.append({"path": self.path, "auth": self.headers.get("Authorization"),
-                                          "body": body})
+                recorder.requests.append(
+                    {"path": self.path, "auth": self.headers.get("Authorization"), "body": body}
+                )
                 status = recorder.statuses.pop(0) if recorder.statuses else 200
-                answer = json.dumps({"series_uid": body["series_uid"], "instances": body["instances"]}).encode()
+                answer = json.dumps(
+                    {"series_uid": body["series_uid"], "instances": body["instances"]}
+                ).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(answer)))
@@ -112,11 +115,16 @@ def plugin_config(url: str, **more: Any) -> dict[str, Any]:
 
 
 def test_stable_series_are_handed_over_with_retries_and_never_a_seg_or_our_own_output(
-        orthanc_factory, tmp_path: Path) -> None:
+    orthanc_factory, tmp_path: Path
+) -> None:
     node = Recorder(statuses=[503])  # the node is not ready the first time
     try:
-        orthanc = orthanc_factory(python_script=PLUGIN, stable_age=1, extra_config=plugin_config(node.url),
-                                  env={"SEGNODE_VENV": str(REPO / ".venv")})
+        orthanc = orthanc_factory(
+            python_script=PLUGIN,
+            stable_age=1,
+            extra_config=plugin_config(node.url),
+            env={"SEGNODE_VENV": str(REPO / ".venv")},
+        )
         ct = series_files(tmp_path / "ct", "plugin-ct")
         own = series_files(tmp_path / "own", "plugin-own", derived=True)
         seg = seg_file(ct, tmp_path / "seg.dcm")
@@ -126,19 +134,38 @@ def test_stable_series_are_handed_over_with_retries_and_never_a_seg_or_our_own_o
     finally:
         node.close()
     first = pydicom.dcmread(ct[0], stop_before_pixels=True)
-    ct_id = next(s["ID"] for s in orthanc.rest_get("/series?expand")
-                 if s["MainDicomTags"]["SeriesInstanceUID"] == first.SeriesInstanceUID)
-    expected = {"orthanc_series_id": ct_id, "series_uid": first.SeriesInstanceUID,
-                "study_uid": first.StudyInstanceUID, "modality": "CT", "instances": 3, "aet": "ORTHANC"}
+    ct_id = next(
+        s["ID"]
+        for s in orthanc.rest_get("/series?expand")
+        if s["MainDicomTags"]["SeriesInstanceUID"] == first.SeriesInstanceUID
+    )
+    expected = {
+        "orthanc_series_id": ct_id,
+        "series_uid": first.SeriesInstanceUID,
+        "study_uid": first.StudyInstanceUID,
+        "modality": "CT",
+        "instances": 3,
+        "aet": "ORTHANC",
+    }
     assert node.requests == [{"path": "/api/orthanc/series", "auth": f"Bearer {TOKEN}", "body": expected}] * 2
-    assert {k: status[k] for k in ("handed_off", "skipped", "failed", "retries", "queued")} == \
-        {"handed_off": 1, "skipped": 2, "failed": 0, "retries": 1, "queued": 0}
-    assert (status["guard"], status["venv_error"], status["python"], status["worker_alive"]) == \
-        ("node.rules", None, "3.11.2", True)
+    assert {k: status[k] for k in ("handed_off", "skipped", "failed", "retries", "queued")} == {
+        "handed_off": 1,
+        "skipped": 2,
+        "failed": 0,
+        "retries": 1,
+        "queued": 0,
+    }
+    assert (status["guard"], status["venv_error"], status["python"], status["worker_alive"]) == (
+        "node.rules",
+        None,
+        "3.11.2",
+        True,
+    )
+    assert status["numpy"].startswith(str(REPO / ".venv" / "lib" / "python3.11" / "site-packages"))
     outcomes = sorted((e["outcome"], e.get("reason") or e.get("error", "")) for e in status["recent"])
     assert outcomes == [
         ("handed_off", ""),
-        ("retry", 'node answered HTTP 503: {"series_uid": "%s", "instances": 3}' % first.SeriesInstanceUID),
+        ("retry", f'node answered HTTP 503: {{"series_uid": "{first.SeriesInstanceUID}", "instances": 3}}'),
         ("skipped", "Modality SEG is not an image to segment"),
         ("skipped", "a segnode output (Manufacturer segnode, ImageType DERIVED)"),
     ]
@@ -154,17 +181,22 @@ def test_a_venv_that_cannot_be_used_never_stops_orthanc(orthanc_factory, tmp_pat
         package = root / "lib" / "python3.11" / "site-packages" / "node"
         package.mkdir(parents=True)
         (package / "__init__.py").write_text("raise RuntimeError('segnode-test: broken node package')\n")
-    orthanc = orthanc_factory(python_script=PLUGIN, extra_config=plugin_config("http://127.0.0.1:9", Venv=str(root)))
+    orthanc = orthanc_factory(
+        python_script=PLUGIN, extra_config=plugin_config("http://127.0.0.1:9", Venv=str(root))
+    )
 
     status = wait_status(orthanc, lambda s: s["venv_error"] is not None)
     assert status["guard"] == "built-in" and status["worker_alive"]
-    assert status["venv_error"] == ("RuntimeError: segnode-test: broken node package" if venv == "broken" else
-                                    f"{root}/lib/python3.11/site-packages not found (a venv of another Python "
-                                    "than python3.11?)")
+    assert status["venv_error"] == (
+        "RuntimeError: segnode-test: broken node package"
+        if venv == "broken"
+        else f"{root}/lib/python3.11/site-packages not found (a venv of another Python than python3.11?)"
+    )
     assert orthanc.rest_get("/system")["Version"] == "1.10.1"
 
 
 # --- the node's side of the hand-off: node/fetch.py --------------------------------------------------
+
 
 def test_the_node_fetches_a_series_from_orthanc_byte_for_byte(orthanc, tmp_path: Path) -> None:
     from node.config import OrthancSection
@@ -189,10 +221,15 @@ def test_multipart_parts_are_split_exactly_however_the_bytes_arrive(chunk: int) 
     from node.fetch import FetchError, iter_parts
 
     parts = [b"\x00DICM\r\n--notyet\r\n" * 3, b"", b"x" * 1000, b"-b\r\n--"]  # none holds CRLF--b
-    body = b"preamble\r\n" + b"".join(
-        b"--b \r\nContent-Type: application/dicom\r\nContent-Length: %d\r\n\r\n%s\r\n" % (len(p), p) for p in parts
-    ) + b"--b--\r\nepilogue"
-    chunks = [body[i:i + chunk] for i in range(0, len(body), chunk)]
+    body = (
+        b"preamble\r\n"
+        + b"".join(
+            b"--b \r\nContent-Type: application/dicom\r\nContent-Length: %d\r\n\r\n%s\r\n" % (len(p), p)
+            for p in parts
+        )
+        + b"--b--\r\nepilogue"
+    )
+    chunks = [body[i : i + chunk] for i in range(0, len(body), chunk)]
     got = list(iter_parts(chunks, "b"))
     assert [content for _, content in got] == parts
     assert all(headers["content-type"] == "application/dicom" for headers, _ in got)
@@ -200,3 +237,32 @@ def test_multipart_parts_are_split_exactly_however_the_bytes_arrive(chunk: int) 
         list(iter_parts([body[: body.index(b"--b--")]], "b"))
     with pytest.raises(FetchError, match="Content-Length 5"):
         list(iter_parts([b"--b\r\nContent-Length: 5\r\n\r\nabc\r\n--b--"], "b"))
+
+
+def test_the_venv_goes_to_the_front_of_sys_path(tmp_path: Path, monkeypatch) -> None:
+    """Appended, an older numpy earlier on sys.path (Debian's python3-numpy) would win."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("segnode_plugin_under_test", PLUGIN)
+    plugin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plugin)  # outside Orthanc: `import orthanc` fails, nothing registers
+    debian = tmp_path / "dist-packages"
+    venv_packages = tmp_path / "venv" / "lib" / "python3.11" / "site-packages"
+    for folder, version in ((debian, "1.24.2"), (venv_packages, "2.4.6")):
+        (folder / "fakenumpy").mkdir(parents=True)
+        (folder / "fakenumpy" / "__init__.py").write_text(f"__version__ = {version!r}\n")
+    (venv_packages / "extra.pth").write_text(str(tmp_path / "from-pth") + "\n")
+    (tmp_path / "from-pth").mkdir()
+    monkeypatch.setattr(sys, "path", [str(debian), *sys.path])
+    monkeypatch.delitem(sys.modules, "fakenumpy", raising=False)
+
+    assert plugin.orthanc is None
+    assert plugin.add_venv(str(tmp_path / "venv")) is None
+    assert sys.path[:2] == [str(venv_packages), str(tmp_path / "from-pth")]
+    import fakenumpy
+
+    assert fakenumpy.__version__ == "2.4.6"
+    assert plugin.add_venv(str(tmp_path / "nowhere")).endswith(
+        "not found (a venv of another Python than python3.11?)"
+    )

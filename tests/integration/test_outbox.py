@@ -49,26 +49,39 @@ class SecureOrthanc(OrthancServer):
         if not (self.http_port and self.dicom_port):  # a restart keeps its ports
             super()._pick_ports()
 
-    def request(self, method: str, path: str, body: bytes | None = None, headers: Any = None,
-                timeout: float = 60) -> tuple[str, bytes]:
+    def request(
+        self, method: str, path: str, body: bytes | None = None, headers: Any = None, timeout: float = 60
+    ) -> tuple[str, bytes]:
         url = path if path.startswith("http") else self.http_url + path
         token = base64.b64encode(f"{self.user}:{self.password}".encode()).decode()
-        req = urllib.request.Request(url, data=body, method=method,
-                                     headers={**dict(headers or {}), "Authorization": f"Basic {token}"})
+        req = urllib.request.Request(
+            url, data=body, method=method, headers={**dict(headers or {}), "Authorization": f"Basic {token}"}
+        )
         try:
-            with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req, timeout=timeout) as response:
+            with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+                req, timeout=timeout
+            ) as response:
                 return response.headers.get("Content-Type", ""), response.read()
         except urllib.error.HTTPError as error:
-            raise ServerError(f"{method} {url} -> HTTP {error.code}: {error.read().decode(errors='replace')}") from None
+            raise ServerError(
+                f"{method} {url} -> HTTP {error.code}: {error.read().decode(errors='replace')}"
+            ) from None
 
     def destination(self, name: str = "orthanc", **overrides: Any) -> Destination:
-        values = dict(name=name, kind="stowrs", url=self.dicomweb_url, username=self.user, password=self.password)
+        values = {
+            "name": name,
+            "kind": "stowrs",
+            "url": self.dicomweb_url,
+            "username": self.user,
+            "password": self.password,
+        }
         values.update(overrides)
         return Destination(**values)
 
     def qido(self, path: str) -> list[dict]:
-        return json.loads(self.request("GET", "/dicom-web" + path, headers={"Accept": "application/dicom+json"})[1]
-                          or b"[]")
+        return json.loads(
+            self.request("GET", "/dicom-web" + path, headers={"Accept": "application/dicom+json"})[1] or b"[]"
+        )
 
     def sop_uids(self, study_uid: str, modality: str | None = None) -> list[str]:
         query = f"/studies/{study_uid}/instances" + (f"?Modality={modality}" if modality else "")
@@ -105,8 +118,9 @@ def seg_files(tmp_path_factory) -> SimpleNamespace:
     second = write_seg(phantom.labels, root / "ct", root / "v2" / "seg.dcm", options=SegOptions(version=2))
     study = str(pydicom.dcmread(ct[0], stop_before_pixels=True).StudyInstanceUID)
     series = str(pydicom.dcmread(ct[0], stop_before_pixels=True).SeriesInstanceUID)
-    return SimpleNamespace(ct=ct, v1=first, v2=second, study=study, series=series,
-                           uid1=_sop(first), uid2=_sop(second))
+    return SimpleNamespace(
+        ct=ct, v1=first, v2=second, study=study, series=series, uid1=_sop(first), uid2=_sop(second)
+    )
 
 
 def _sop(path: Path) -> str:
@@ -114,7 +128,9 @@ def _sop(path: Path) -> str:
 
 
 def _job(job_id: str, series: str, study: str, destinations=("orthanc",)) -> SimpleNamespace:
-    return SimpleNamespace(id=job_id, destinations={d: {} for d in destinations}, series_uid=series, study_uid=study)
+    return SimpleNamespace(
+        id=job_id, destinations={d: {} for d in destinations}, series_uid=series, study_uid=study
+    )
 
 
 class Counting:
@@ -138,13 +154,16 @@ class Counting:
 
 
 def test_stow_rs_with_basic_auth_delivers_once_and_a_wrong_password_fails_permanently(
-        secure_orthanc, seg_files, tmp_path: Path) -> None:
+    secure_orthanc, seg_files, tmp_path: Path
+) -> None:
     orthanc = secure_orthanc()
     good, bad = orthanc.destination(), orthanc.destination("wrong-password", password="nope")
     outbox = Outbox(tmp_path, [good, bad], OutboxSection())
     results = seg_files.v1.parent
 
-    outbox.enqueue_results(_job("j1", seg_files.series, seg_files.study, ["orthanc", "wrong-password"]), results)
+    outbox.enqueue_results(
+        _job("j1", seg_files.series, seg_files.study, ["orthanc", "wrong-password"]), results
+    )
     assert outbox.run_once() == 2
     states = outbox.job_destinations("j1")
     assert states["orthanc"]["state"] == "delivered" and states["orthanc"]["attempts"] == 1
@@ -162,8 +181,9 @@ def test_stow_rs_with_basic_auth_delivers_once_and_a_wrong_password_fails_perman
 
 def test_c_store_delivers_a_seg_to_orthanc(orthanc_factory, seg_files, tmp_path: Path) -> None:
     orthanc = orthanc_factory()
-    destination = Destination(name="pacs", kind="cstore", host="127.0.0.1", port=orthanc.dicom_port,
-                              ae_title=orthanc.aet)
+    destination = Destination(
+        name="pacs", kind="cstore", host="127.0.0.1", port=orthanc.dicom_port, ae_title=orthanc.aet
+    )
     outbox = Outbox(tmp_path, [destination], OutboxSection(), calling_aet="SEGNODE")
     outbox.enqueue_results(_job("j", seg_files.series, seg_files.study, ["pacs"]), seg_files.v1.parent)
     assert outbox.run_once() == 1
@@ -191,7 +211,8 @@ def test_an_unreachable_c_store_peer_is_retried_and_a_rejecting_one_fails(tmp_pa
 
 
 def test_the_older_seg_is_deleted_from_orthanc_when_a_newer_one_is_delivered(
-        secure_orthanc, seg_files, tmp_path: Path) -> None:
+    secure_orthanc, seg_files, tmp_path: Path
+) -> None:
     orthanc = secure_orthanc()
     outbox = Outbox(tmp_path, [orthanc.destination(delete_superseded=True)], OutboxSection())
     outbox.enqueue_results(_job("gen1", seg_files.series, seg_files.study), seg_files.v1.parent)
@@ -205,7 +226,9 @@ def test_the_older_seg_is_deleted_from_orthanc_when_a_newer_one_is_delivered(
     outbox.close()
 
 
-def test_an_interrupted_stow_that_reached_orthanc_is_not_sent_again(secure_orthanc, seg_files, tmp_path: Path) -> None:
+def test_an_interrupted_stow_that_reached_orthanc_is_not_sent_again(
+    secure_orthanc, seg_files, tmp_path: Path
+) -> None:
     orthanc = secure_orthanc()
     first = Outbox(tmp_path, [orthanc.destination()], OutboxSection())
     first.enqueue_results(_job("j", seg_files.series, seg_files.study), seg_files.v1.parent)
@@ -215,8 +238,12 @@ def test_an_interrupted_stow_that_reached_orthanc_is_not_sent_again(secure_ortha
     del first
 
     counting: list[Counting] = []
-    second = Outbox(tmp_path, [orthanc.destination()], OutboxSection(),
-                    senders=lambda d: counting.append(Counting(make_sender(d))) or counting[-1])
+    second = Outbox(
+        tmp_path,
+        [orthanc.destination()],
+        OutboxSection(),
+        senders=lambda d: counting.append(Counting(make_sender(d))) or counting[-1],
+    )
     assert second.recovered == 1
     assert second.run_once() == 1
     assert counting[0].sent == []  # QIDO-RS found it
@@ -285,15 +312,35 @@ def tls_files(tmp_path_factory) -> tuple[Path, Path]:
     openssl = require_program("openssl")
     folder = tmp_path_factory.mktemp("tls")
     key, cert = folder / "key.pem", folder / "cert.pem"
-    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return cert, key
 
 
 @pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
 def test_stow_rs_over_https_verifies_the_certificate_as_configured(
-        secure_orthanc, seg_files, tls_files, tmp_path: Path) -> None:
+    secure_orthanc, seg_files, tls_files, tmp_path: Path
+) -> None:
     cert, key = tls_files
     orthanc = secure_orthanc()
     relay = TlsRelay(cert, key, orthanc.http_port)
@@ -304,8 +351,9 @@ def test_stow_rs_over_https_verifies_the_certificate_as_configured(
         orthanc.destination("no-verify", url=url, verify_tls=False),
     ]
     outbox = Outbox(tmp_path, destinations, OutboxSection(initial_delay_s=60))
-    outbox.enqueue_results(_job("j", seg_files.series, seg_files.study, [d.name for d in destinations]),
-                           seg_files.v1.parent)
+    outbox.enqueue_results(
+        _job("j", seg_files.series, seg_files.study, [d.name for d in destinations]), seg_files.v1.parent
+    )
     try:
         assert outbox.run_once() == 3
         states = outbox.job_destinations("j")

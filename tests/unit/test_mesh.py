@@ -9,6 +9,7 @@ extent (its voxels' outer edges) in RAS, decimated or not.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from node.volume import Geometry
 
 trimesh = pytest.importorskip("trimesh")
 
-SAMPLE = Path("/work/shared/data/totalsegmentator/example_seg.nii.gz")
+SAMPLE = Path(os.environ.get("SEGNODE_SAMPLE_DIR", "/work/shared/data/totalsegmentator")) / "example_seg.nii.gz"
 MID = PhantomSpec(size=(128, 128, 80), spacing=(1.6, 1.6, 3.0))
 
 
@@ -190,10 +191,22 @@ def test_real_sample_all_structures(sample: LabelVolume) -> None:
         assert_meshes_match(sample, M.label_meshes(sample, options), volume_tol=tol, extent_voxels=extent)
 
 
-def test_worker_processes_give_the_same_meshes(tiny: LabelVolume, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("threaded", [False, True])
+def test_worker_processes_give_the_same_meshes(tiny: LabelVolume, monkeypatch: pytest.MonkeyPatch,
+                                               threaded: bool) -> None:
+    """Worker processes: fork while this process has one thread, forkserver when it has more (a server)."""
+    import threading
+
     monkeypatch.setattr(M, "PROCESS_THRESHOLD", 0)
     one = M.label_meshes(tiny, M.MeshOptions(workers=1))
-    two = M.label_meshes(tiny, M.MeshOptions(workers=2))
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, daemon=True)
+    if threaded:
+        other.start()
+    try:
+        two = M.label_meshes(tiny, M.MeshOptions(workers=2))
+    finally:
+        stop.set()
     assert [m.label for m in one] == [m.label for m in two]
     for a, b in zip(one, two):
         assert np.array_equal(a.faces, b.faces) and np.allclose(a.vertices, b.vertices)

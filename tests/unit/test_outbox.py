@@ -82,15 +82,26 @@ def sop(path: Path) -> str:
 
 
 def job(job_id: str, destinations=("pacs",), series: str = "1.2.3.4", results: Path | None = None):
-    return SimpleNamespace(id=job_id, destinations={d: {"state": "pending"} for d in destinations},
-                           series_uid=series, study_uid="1.2.3", results=str(results) if results else None)
+    return SimpleNamespace(
+        id=job_id,
+        destinations={d: {"state": "pending"} for d in destinations},
+        series_uid=series,
+        study_uid="1.2.3",
+        results=str(results) if results else None,
+    )
 
 
 def make(tmp_path: Path, sender, *, clock=None, names=("pacs",), changes=None, **dest) -> Outbox:
     destinations = [Destination(name=n, kind="folder", path=tmp_path / "unused", **dest) for n in names]
     on_change = (lambda job_id, states: changes.append((job_id, states))) if changes is not None else None
-    return Outbox(tmp_path / "data", destinations, SETTINGS, senders=lambda d: sender, on_change=on_change,
-                  clock=clock or Clock())
+    return Outbox(
+        tmp_path / "data",
+        destinations,
+        SETTINGS,
+        senders=lambda d: sender,
+        on_change=on_change,
+        clock=clock or Clock(),
+    )
 
 
 def test_backoff_doubles_from_the_initial_delay_up_to_the_cap() -> None:
@@ -106,23 +117,49 @@ def test_results_are_linked_queued_and_delivered_to_a_folder(tmp_path: Path) -> 
     changes: list = []
     clock = Clock(1000.0)
     target = tmp_path / "delivered"
-    outbox = Outbox(tmp_path / "data", [Destination(name="archive", kind="folder", path=target)], SETTINGS,
-                    on_change=lambda j, s: changes.append((j, s)), clock=clock)
+    outbox = Outbox(
+        tmp_path / "data",
+        [Destination(name="archive", kind="folder", path=target)],
+        SETTINGS,
+        on_change=lambda j, s: changes.append((j, s)),
+        clock=clock,
+    )
 
     queued = outbox.enqueue_results(job("job1", ["archive"]), results)
 
-    assert queued == {"archive": {"state": "pending", "instances": 3, "delivered": 0, "attempts": 0,
-                                  "last_error": None, "next_attempt": 1000.0, "delivered_at": None}}
+    assert queued == {
+        "archive": {
+            "state": "pending",
+            "instances": 3,
+            "delivered": 0,
+            "attempts": 0,
+            "last_error": None,
+            "next_attempt": 1000.0,
+            "delivered_at": None,
+        }
+    }
     staged = sorted((tmp_path / "data" / "outbox").iterdir())
     assert [p.name for p in staged] == sorted(f"{sop(f)}.dcm" for f in files)
-    assert all(p.stat().st_ino == f.stat().st_ino for p, f in zip(staged, sorted(files, key=lambda f: sop(f))))
+    assert all(
+        p.stat().st_ino == f.stat().st_ino for p, f in zip(staged, sorted(files, key=lambda f: sop(f)))
+    )
     clock.now = 1001.5
     assert outbox.run_once() == 3
     ds = pydicom.dcmread(files[0], stop_before_pixels=True)
-    assert (target / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm").read_bytes() == \
-        files[0].read_bytes()
-    final = {"archive": {"state": "delivered", "instances": 3, "delivered": 3, "attempts": 1, "last_error": None,
-                         "next_attempt": None, "delivered_at": 1001.5}}
+    assert (
+        target / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    ).read_bytes() == files[0].read_bytes()
+    final = {
+        "archive": {
+            "state": "delivered",
+            "instances": 3,
+            "delivered": 3,
+            "attempts": 1,
+            "last_error": None,
+            "next_attempt": None,
+            "delivered_at": 1001.5,
+        }
+    }
     assert changes[-1] == ("job1", final)
     assert outbox.job_destinations("job1") == final
     assert list((tmp_path / "data" / "outbox").iterdir()) == []  # delivered everywhere: the links go
@@ -148,13 +185,30 @@ def test_transient_failures_follow_the_backoff_schedule_then_fail(tmp_path: Path
         schedule.append(nxt)
     assert schedule == [1000.0, 1005.0, 1015.0, 1035.0, 1075.0, 1135.0]
     state = outbox.job_destinations("j")["pacs"]
-    assert state == {"state": "failed", "instances": 1, "delivered": 0, "attempts": 6,
-                     "last_error": "connection refused", "next_attempt": None, "delivered_at": None}
+    assert state == {
+        "state": "failed",
+        "instances": 1,
+        "delivered": 0,
+        "attempts": 6,
+        "last_error": "connection refused",
+        "next_attempt": None,
+        "delivered_at": None,
+    }
     clock.now = 5000.0
     assert outbox.run_once() == 0 and len(sender.sent) == 6
-    assert outbox.status() == [{"destination": "pacs", "kind": "folder", "pending": 0, "delivering": 0,
-                                "delivered": 0, "failed": 1, "cancelled": 0, "next_attempt": None,
-                                "last_error": "connection refused"}]
+    assert outbox.status() == [
+        {
+            "destination": "pacs",
+            "kind": "folder",
+            "pending": 0,
+            "delivering": 0,
+            "delivered": 0,
+            "failed": 1,
+            "cancelled": 0,
+            "next_attempt": None,
+            "last_error": "connection refused",
+        }
+    ]
     # `segnode outbox retry`: due again with fresh attempts; this time it goes through.
     sender.script = []
     assert outbox.retry(destination="pacs") == 1
@@ -170,8 +224,14 @@ def test_a_permanent_refusal_fails_at_once_and_a_whole_batch_error_counts_for_ea
     outbox.enqueue_results(job("j", ["a"]), results)
     assert outbox.run_once() == 2
     assert outbox.job_destinations("j")["a"] == {
-        "state": "failed", "instances": 2, "delivered": 0, "attempts": 1, "last_error": "HTTP 401 Unauthorized",
-        "next_attempt": None, "delivered_at": None}
+        "state": "failed",
+        "instances": 2,
+        "delivered": 0,
+        "attempts": 1,
+        "last_error": "HTTP 401 Unauthorized",
+        "next_attempt": None,
+        "delivered_at": None,
+    }
     assert len(list((tmp_path / "data" / "outbox").iterdir())) == 2  # kept for a retry
 
 
@@ -252,7 +312,9 @@ def test_an_in_doubt_delivery_is_sent_again_when_the_destination_cannot_tell(tmp
     results = tmp_path / "results"
     dicom_series(results, n=1)
     clock = Clock()
-    sender = Scripted([Failure("read timed out")], present=None)  # after a timeout the request may have landed
+    sender = Scripted(
+        [Failure("read timed out")], present=None
+    )  # after a timeout the request may have landed
     outbox = make(tmp_path, sender, clock=clock)
     outbox.enqueue_results(job("j"), results)
     outbox.run_once()
@@ -262,7 +324,9 @@ def test_an_in_doubt_delivery_is_sent_again_when_the_destination_cannot_tell(tmp
     assert outbox.job_destinations("j")["pacs"]["state"] == "delivered"
 
 
-def test_a_newer_job_cancels_undelivered_results_of_an_older_one_and_deletes_delivered_ones(tmp_path: Path) -> None:
+def test_a_newer_job_cancels_undelivered_results_of_an_older_one_and_deletes_delivered_ones(
+    tmp_path: Path,
+) -> None:
     old, new, newest = tmp_path / "old", tmp_path / "new", tmp_path / "newest"
     dicom_series(old, n=1, seed="gen1")
     new_files = dicom_series(new, n=1, seed="gen2")
@@ -321,12 +385,31 @@ def test_no_dicom_output_or_an_unknown_destination_is_shown_on_the_job(tmp_path:
     changes: list = []
     outbox = make(tmp_path, Scripted(), changes=changes)
     outbox.enqueue_results(job("j", ["pacs", "gone"]), empty)
-    assert changes == [("j", {
-        "pacs": {"state": "skipped", "instances": 0, "delivered": 0, "attempts": 0,
-                 "last_error": "the job wrote no DICOM output to send", "next_attempt": None, "delivered_at": None},
-        "gone": {"state": "failed", "instances": 0, "delivered": 0, "attempts": 0,
-                 "last_error": "no destination named 'gone' in the config", "next_attempt": None,
-                 "delivered_at": None}})]
+    assert changes == [
+        (
+            "j",
+            {
+                "pacs": {
+                    "state": "skipped",
+                    "instances": 0,
+                    "delivered": 0,
+                    "attempts": 0,
+                    "last_error": "the job wrote no DICOM output to send",
+                    "next_attempt": None,
+                    "delivered_at": None,
+                },
+                "gone": {
+                    "state": "failed",
+                    "instances": 0,
+                    "delivered": 0,
+                    "attempts": 0,
+                    "last_error": "no destination named 'gone' in the config",
+                    "next_attempt": None,
+                    "delivered_at": None,
+                },
+            },
+        )
+    ]
     assert outbox.enqueue_results(job("k", []), empty) == {}
 
 
@@ -337,8 +420,12 @@ def test_catch_up_queues_done_jobs_the_hook_never_saw(tmp_path: Path) -> None:
     dicom_series(elsewhere, n=1, seed="remote")
     sender = Scripted()
     outbox = make(tmp_path, sender)
-    jobs = [job("missed", results=results), job("no-results"), job("no-destinations", [], results=results),
-            job("remote", results=elsewhere)]  # a Redis worker's job on another machine: its outbox sends it
+    jobs = [
+        job("missed", results=results),
+        job("no-results"),
+        job("no-destinations", [], results=results),
+        job("remote", results=elsewhere),
+    ]  # a Redis worker's job on another machine: its outbox sends it
     assert outbox.catch_up(jobs) == 1
     assert outbox.catch_up(jobs) == 0
     outbox.run_once()
@@ -350,8 +437,12 @@ def test_the_delivery_thread_sends_what_is_queued(tmp_path: Path) -> None:
     dicom_series(results, n=1)
     changes: list = []
     target = tmp_path / "archive"
-    outbox = Outbox(tmp_path / "data", [Destination(name="archive", kind="folder", path=target)],
-                    OutboxSection(poll_s=30), on_change=lambda j, s: changes.append(s["archive"]["state"]))
+    outbox = Outbox(
+        tmp_path / "data",
+        [Destination(name="archive", kind="folder", path=target)],
+        OutboxSection(poll_s=30),
+        on_change=lambda j, s: changes.append(s["archive"]["state"]),
+    )
     outbox.start()
     try:
         outbox.enqueue_results(job("j", ["archive"]), results)
@@ -369,27 +460,61 @@ def test_segnode_outbox_status_and_retry(tmp_path: Path) -> None:
     dicom_series(results, n=1)
     data = tmp_path / "data"
     config = tmp_path / "node.toml"
-    config.write_text(f'[node]\ndata_dir = "{data}"\n[[destinations]]\nname = "pacs"\nkind = "folder"\n'
-                      f'path = "{tmp_path / "pacs"}"\n')
+    config.write_text(
+        f'[node]\ndata_dir = "{data}"\n[[destinations]]\nname = "pacs"\nkind = "folder"\n'
+        f'path = "{tmp_path / "pacs"}"\n'
+    )
     store = JobStore(SqliteBackend(data / "jobs.db"))
-    store.submit(Job(id="j1", key="k1", series_uid="1.2.3.4", study_uid="1.2.3", generation=1, folder="",
-                     instance_count=1, rule="r", pipeline={}, pipeline_version="v", engine="threshold",
-                     destinations={"pacs": {"state": "pending"}}))
-    outbox = Outbox(data, [Destination(name="pacs", kind="folder", path=tmp_path / "pacs")], SETTINGS,
-                    senders=lambda d: Scripted([DeliveryError("HTTP 403 Forbidden", permanent=True)]))
+    store.submit(
+        Job(
+            id="j1",
+            key="k1",
+            series_uid="1.2.3.4",
+            study_uid="1.2.3",
+            generation=1,
+            folder="",
+            instance_count=1,
+            rule="r",
+            pipeline={},
+            pipeline_version="v",
+            engine="threshold",
+            destinations={"pacs": {"state": "pending"}},
+        )
+    )
+    outbox = Outbox(
+        data,
+        [Destination(name="pacs", kind="folder", path=tmp_path / "pacs")],
+        SETTINGS,
+        senders=lambda d: Scripted([DeliveryError("HTTP 403 Forbidden", permanent=True)]),
+    )
     outbox.enqueue_results(job("j1"), results)
     outbox.run_once()
     outbox.close()
 
     def segnode(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "node", "--config", str(config), "outbox", *args],
-                              capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+        return subprocess.run(
+            [sys.executable, "-m", "node", "--config", str(config), "outbox", *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            env={**os.environ, "COLUMNS": "200"},
+        )
 
     status = segnode("status", "--json")
     assert status.returncode == 0, status.stderr
-    assert json.loads(status.stdout) == [{"destination": "pacs", "kind": "folder", "pending": 0, "delivering": 0,
-                                          "delivered": 0, "failed": 1, "cancelled": 0, "next_attempt": None,
-                                          "last_error": "HTTP 403 Forbidden"}]
+    assert json.loads(status.stdout) == [
+        {
+            "destination": "pacs",
+            "kind": "folder",
+            "pending": 0,
+            "delivering": 0,
+            "delivered": 0,
+            "failed": 1,
+            "cancelled": 0,
+            "next_attempt": None,
+            "last_error": "HTTP 403 Forbidden",
+        }
+    ]
     assert "HTTP 403 Forbidden" in segnode("status").stdout
     retried = segnode("retry", "--destination", "pacs")
     assert (retried.returncode, retried.stdout.strip()) == (0, "1 failed delivery queued again")

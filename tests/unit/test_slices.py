@@ -15,7 +15,8 @@ from node.phantom import TINY, make_phantom
 from node.volume import Geometry, Volume
 
 
-def marker_volume(direction=np.eye(3), spacing=(1.0, 1.0, 3.0)) -> tuple[Volume, LabelVolume]:
+def marker_volume(direction=((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)),
+                  spacing=(1.0, 1.0, 3.0)) -> tuple[Volume, LabelVolume]:
     """A 20 x 16 x 10 (i, j, k) CT of -1000 with bright blocks at known patient places (LPS):
     patient right-anterior-inferior corner region and left-posterior-superior."""
     a = np.full((10, 16, 20), -1000, np.int16)
@@ -41,7 +42,7 @@ def read(path: Path) -> np.ndarray:
 
 @pytest.mark.parametrize("flip", [False, True])
 def test_radiological_orientation_and_numbering(tmp_path: Path, flip: bool) -> None:
-    ct, labels = marker_volume()
+    ct, _ = marker_volume()
     if flip:  # the same patient stored in RAS order (as NIfTI tools write): i and j run the other way
         g = ct.geometry
         origin = g.index_to_lps(np.array([[19, 15, 0]]))[0]
@@ -56,7 +57,7 @@ def test_radiological_orientation_and_numbering(tmp_path: Path, flip: bool) -> N
     # Axial slice 1 is the most inferior: the bright right-anterior-inferior block shows there, at the
     # image's top-left (patient right on the image's left, anterior up).
     first = read(tmp_path / axial["slices"][0]["file"])
-    h, w = first.shape
+    w = first.shape[1]
     assert first[0, 0] > 200 and first[:, w // 2:].max() == 0
     last = read(tmp_path / axial["slices"][-1]["file"])
     assert last[-1, -1] > 50 and last[:, : w // 2].max() == 0  # left-posterior-superior: bottom right
@@ -82,7 +83,7 @@ def test_square_pixels_and_plane_corners(tmp_path: Path) -> None:
     assert coronal["size_px"] == [20, 38]
     img = read(tmp_path / coronal["slices"][3]["file"])
     assert img.shape == (38, 20, 3)
-    tl, tr, br, bl = (np.array(c) for c in coronal["slices"][3]["corners"])
+    tl, tr, _, bl = (np.array(c) for c in coronal["slices"][3]["corners"])
     assert np.linalg.norm(tr - tl) == pytest.approx(20 * 0.8)
     assert np.linalg.norm(bl - tl) == pytest.approx(10 * 3.0)
     # The plane passes through the centre of its voxel row: LPS y of index j = 3 is 3 * 0.8; RAS y negated.
@@ -150,3 +151,46 @@ def test_slices_stage_in_the_pipeline(tmp_path: Path) -> None:
     qc = result.report["qc"]
     assert qc["meshes"]["watertight"] == qc["meshes"]["meshes"] == len(p.labels.classes)
     assert qc["slices"]["planes"] == {"axial": 40}
+
+
+# --- the palette (overlays here, materials in Blender) ------------------------------------------------
+
+
+def test_palette_exact_auto_and_mapping(tmp_path: Path) -> None:
+    from node.artifacts.palette import (
+        ARTERY,
+        BONE,
+        HEPATIC_VEIN,
+        MUSCLE,
+        PORTAL,
+        VEIN,
+        class_colors,
+        load_mapping,
+        parse_color,
+        structure_color,
+    )
+
+    assert parse_color("#ff8000") == (255, 128, 0, 255)
+    assert parse_color([0.5, 0.25, 1.0]) == (128, 64, 255, 255)
+    assert parse_color([10, 20, 30, 40]) == (10, 20, 30, 40)
+    with pytest.raises(ValueError):
+        parse_color([300, 0, 0])
+    auto = {n: structure_color(n, (1, 2, 3), c, 0, "auto")[:3] for n, c in (
+        ("aorta", "Vessel"), ("common_carotid_artery_left", "Vessel"), ("inferior_vena_cava", "Vessel"),
+        ("portal_vein_and_splenic_vein", "Vessel"), ("hepatic_veins", "Vessel"), ("vertebrae_L1", "Bone"),
+        ("autochthon_left", "Muscle"), ("liver", "Abdominal"), ("spleen", "Abdominal"))}
+    assert auto["aorta"] == auto["common_carotid_artery_left"] == ARTERY
+    assert auto["inferior_vena_cava"] == VEIN and auto["portal_vein_and_splenic_vein"] == PORTAL
+    assert auto["hepatic_veins"] == HEPATIC_VEIN and auto["vertebrae_L1"] == BONE
+    assert auto["autochthon_left"] == MUSCLE and auto["liver"] != auto["spleen"]
+    assert structure_color("liver", (1, 2, 3), "Abdominal", 5, "exact") == (1, 2, 3, 255)
+    mapping_file = tmp_path / "m.json"
+    mapping_file.write_text('{"liver": [0.35, 0.05, 0.04], "aorta": "#d03020"}')
+    mapping = load_mapping(mapping_file)
+    assert structure_color("liver", (1, 2, 3), "Abdominal", 5, "exact", mapping) == (89, 13, 10, 255)
+    classes = {5: LabelClass(5, "liver", (1, 2, 3), "Abdominal"), 52: LabelClass(52, "aorta", (9, 9, 9), "Vessel")}
+    assert class_colors(classes, "auto", mapping) == {5: (89, 13, 10, 255), 52: (208, 48, 32, 255)}
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"liver": "red"}')
+    with pytest.raises(ValueError):
+        load_mapping(bad)
