@@ -53,6 +53,7 @@ import numpy as np
 
 from node import __version__
 from node.classes import Code, LabelClass, LabelVolume
+from node.errors import NodeError
 from node.segment import SegmentationError, SegmentRequest
 from node.volume import Volume
 
@@ -268,8 +269,6 @@ class _Run:
 
     @contextmanager
     def stage(self, name: str) -> Iterator[dict[str, Any]]:
-        from node.dicom.series import VolumeError
-
         entry: dict[str, Any] = {"name": name, "state": "running"}
         self.stages.append(entry)
         self.emit(ProgressEvent(name, "started"))
@@ -287,7 +286,7 @@ class _Run:
         except StageSkipped as exc:
             finish("skipped", str(exc))
             return
-        except (VolumeError, SegmentationError) as exc:
+        except NodeError as exc:  # bad input or a refusal: its own code, never retried as a crash
             finish("failed", str(exc))
             raise _Failure(PipelineError(exc.code, str(exc), name)) from None
         except OSError as exc:

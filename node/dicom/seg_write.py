@@ -55,6 +55,7 @@ from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 from node import __version__
 from node.classes import LabelClass, LabelVolume
 from node.dicom.codes import rgb_to_cielab, segment_codes
+from node.errors import NodeError
 
 #: Private creator of the element that holds each segment's label id.
 PRIVATE_CREATOR = "segnode"
@@ -78,16 +79,8 @@ _PIXEL_DATA = 0x7FE00010
 _ITEM = b"\xfe\xff\x00\xe0"
 
 
-class SegError(ValueError):
+class SegError(NodeError, ValueError):
     """A SEG cannot be written or read. ``code`` is stable for programs, the message is for people."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
 
 
 @dataclass(frozen=True)

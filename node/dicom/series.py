@@ -23,6 +23,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from node.errors import NodeError
 from node.volume import Geometry, SeriesIdentity, Volume
 
 #: SOP classes that carry pixels but are not images of the patient (SEG, RT, presentation).
@@ -40,16 +41,8 @@ ORIENTATION_TOLERANCE = 1e-4
 TILT_TOLERANCE_MM = 0.05
 
 
-class VolumeError(ValueError):
+class VolumeError(NodeError, ValueError):
     """The files cannot form one regular volume. ``code`` is stable for programs."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
 
 
 @dataclass

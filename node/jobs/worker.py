@@ -5,7 +5,7 @@ worker never runs it twice. It writes into ``<data_dir>/results/<job>/<run>/`` a
 marks the job done (again compare-and-set) keeps its folder. ``run_pipeline`` returns a failed result
 rather than raising; its error code decides:
 
-* bad input (a :class:`VolumeError` or :class:`SegmentationError` code): failed at once;
+* bad input (a coded :class:`~node.errors.NodeError`: VolumeError, SegmentationError, ...): failed at once;
 * ``io_error``/``internal_error`` (or an exception out of the pipeline): transient, retried after
   ``retry_delay_s * 2**(attempt-1)`` seconds until ``max_attempts`` runs, then failed with the reason;
 * the job superseded while running: the result is dropped when the run ends (the pipeline swallows
@@ -25,9 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from node.config import Settings
-from node.dicom.series import VolumeError
+from node.errors import NodeError
 from node.jobs.store import Job, JobStore, worker_id
-from node.segment import SegmentationError
 from node.web import metrics
 
 log = logging.getLogger(__name__)
@@ -36,7 +35,8 @@ log = logging.getLogger(__name__)
 PipelineFn = Callable[..., Any]
 #: Called once after a job is done: ``hook(job, results_dir)``.
 Hook = Callable[[Job, Path], None]
-BAD_INPUT: tuple[type[Exception], ...] = (VolumeError, SegmentationError)
+#: Bad input and refusals: failed at once with their own code, never retried.
+BAD_INPUT: tuple[type[Exception], ...] = (NodeError,)
 
 
 class StageClock:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Protocol
 
 from node.classes import LabelVolume
+from node.errors import NodeError
 from node.volume import Volume
 
 
@@ -29,12 +30,8 @@ class SegmentRequest:
     options: dict[str, object] = field(default_factory=dict)
 
 
-class SegmentationError(Exception):
+class SegmentationError(NodeError):
     """An engine could not segment this input; ``code`` is stable, the message is for people."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class Engine(Protocol):

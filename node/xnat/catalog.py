@@ -20,17 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
+from node.errors import NodeError
+
 CATALOG_NS = "http://nrg.wustl.edu/catalog"
 XSI_NS = "http://www.w3.org/2001/XMLSchema-instance"
 
 
-class CatalogError(ValueError):
+class CatalogError(NodeError, ValueError):
     """A catalog file that cannot be read; ``code`` is stable for programs."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass(frozen=True)

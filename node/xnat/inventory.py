@@ -25,6 +25,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from node.errors import NodeError
 from node.xnat.catalog import CatalogError, find_catalog, read_catalog
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -42,13 +43,8 @@ SERIES_FIELDS = {
 }
 
 
-class XnatError(ValueError):
+class XnatError(NodeError, ValueError):
     """A problem with an XNAT folder as a whole; ``code`` is stable for programs."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 def problem(code: str, message: str) -> dict[str, str]:
