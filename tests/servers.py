@@ -36,11 +36,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Self
 
@@ -570,3 +573,121 @@ class RedisServer(ServerProcess):
         if line.startswith("-"):
             raise ServerError(f"redis {' '.join(words)}: {line[1:]}")
         return line.lstrip("+")
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class SegnodeServe:
+    """``segnode serve`` as a subprocess on free loopback ports with a temporary config; stopped by its PID.
+
+    ``ingest`` adds keys to ``[ingest]`` (a TOML table may be written once); ``extra`` is appended as
+    TOML tables (``[queue]``, ``[outbox]``, ``[[destinations]]`` ...).
+    """
+
+    def __init__(self, workdir: Path, *, rules: str, token: str, ingest: str = "", extra: str = "") -> None:
+        self.workdir = workdir
+        self.data_dir = workdir / "data"
+        self.token = token
+        self.http_port, self.dicom_port = free_port(), free_port()
+        (workdir / "rules.toml").write_text(rules)
+        self.config = workdir / "node.toml"
+        self.config.write_text(f"""
+[node]
+data_dir = "{self.data_dir}"
+rules = "{workdir / "rules.toml"}"
+[dicom]
+host = "127.0.0.1"
+port = {self.dicom_port}
+[http]
+port = {self.http_port}
+tokens = {{ test = "{token}" }}
+[ingest]
+quiet_seconds = 30
+{ingest}
+{extra}
+""")
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self) -> SegnodeServe:
+        import httpx
+
+        self.starts += 1
+        with open(self.workdir / f"serve-{self.starts}.log", "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "node", "--config", str(self.config), "serve"], cwd=REPO, stdout=log,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+            )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"segnode serve exited:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/healthz", trust_env=False, timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"segnode serve did not start:\n{self.log()}")
+
+    def log(self, tail: int | None = 3000) -> str:
+        """The logs of every start, each cut to its last ``tail`` characters (None: whole)."""
+        texts = (self.workdir / f"serve-{n}.log" for n in range(1, self.starts + 1))
+        return "\n".join(t.read_text(errors="replace")[-tail if tail else 0:] for t in texts)
+
+    def api(self, path: str) -> Any:
+        import httpx
+
+        response = httpx.get(
+            self.url + path, headers={"Authorization": f"Bearer {self.token}"}, trust_env=False, timeout=10
+        )
+        response.raise_for_status()
+        return response.json()
+
+    def wait_job(self, predicate: Callable[[dict], bool], timeout: float = 60) -> dict:
+        """The detail (``/api/jobs/{id}``) of the first job whose summary satisfies ``predicate``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for job in self.api("/api/jobs"):
+                if predicate(job):
+                    return self.api(f"/api/jobs/{job['id']}")
+            time.sleep(0.02)
+        raise AssertionError(f"no job as expected within {timeout} s: {self.api('/api/jobs')}\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Send ``sig`` to the PID we started and return its exit status (0 if it was not running)."""
+        process, self.process = self.process, None
+        if process is None:
+            return 0
+        if process.poll() is None:
+            os.kill(process.pid, sig)
+        try:
+            return process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            return process.wait()
+
+
+@contextmanager
+def serve_in_thread(app: Any) -> Iterator[str]:
+    """uvicorn serving ``app`` on 127.0.0.1 in a thread; yields the base URL."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            thread.join(0.01)
+        yield f"http://127.0.0.1:{config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

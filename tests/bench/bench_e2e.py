@@ -31,7 +31,7 @@ import pytest
 import requests
 
 from node.phantom import PhantomSpec, write_phantom
-from tests.integration.test_e2e import PLUGIN, REPO, TOKEN, Node
+from tests.integration.test_e2e import PLUGIN, REPO, TOKEN, make_node
 from tests.integration.test_outbox import PASSWORD, USER, SecureOrthanc
 from tests.servers import storescu
 
@@ -49,7 +49,7 @@ def test_bench_e2e_orthanc_to_seg(tmp_path: Path) -> None:
 
     node_dir = tmp_path / "node"
     node_dir.mkdir()
-    node = Node(node_dir)
+    node = make_node(node_dir)
     orthanc = SecureOrthanc(
         python_script=PLUGIN,
         stable_age=1,

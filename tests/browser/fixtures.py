@@ -11,7 +11,6 @@ series (a browser's drop) are segmented in a worker thread.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import uvicorn
 
 from node.classes import LabelVolume
 from node.config import Settings
@@ -35,7 +33,7 @@ from node.phantom import TINY, PhantomSpec, make_phantom
 from node.rules import PipelineSpec, Rule
 from node.volume import Volume
 from node.web.app import AppContext, create_app
-from tests.servers import free_port
+from tests.servers import serve_in_thread
 
 TOKENS = {"alice": "alice-token-1234", "bob": "bob-token-5678"}
 DESTINATION = "archive"
@@ -82,24 +80,6 @@ class Node:
                 return jobs[-1].state
             time.sleep(0.05)
         raise TimeoutError(f"no finished job for series {series_uid}")
-
-
-@contextmanager
-def serve_in_thread(app) -> Iterator[str]:
-    """uvicorn serving ``app`` on 127.0.0.1 in a thread; yields the base URL."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            if not thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            thread.join(0.01)
-        yield f"http://127.0.0.1:{config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def write_phantom_series(spec: PhantomSpec, folder: Path, seed_text: str, description: str):

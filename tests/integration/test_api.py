@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from node.config import Settings
 from node.dicom.series import VolumeError
@@ -17,30 +13,12 @@ from node.jobs import Router, open_store
 from node.jobs.worker import JobRunner
 from node.rules import PipelineSpec, Rule
 from node.web.app import AppContext, create_app
-from tests.servers import free_port
+from tests.servers import serve_in_thread
 from tests.unit.test_jobs import FakePipeline, series
 
 pytestmark = pytest.mark.integration
 
 TOKENS = {"alice": "a-secret-token", "bob": "another-token"}
-
-
-@contextmanager
-def serve_in_thread(app) -> Iterator[str]:
-    """uvicorn serving ``app`` on 127.0.0.1 in a thread; yields the base URL."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            if not thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            thread.join(0.01)
-        yield f"http://127.0.0.1:{config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture

@@ -11,10 +11,6 @@
 from __future__ import annotations
 
 import io
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,7 +25,7 @@ from node.dicom.seg import read_seg
 from node.nifti import read_nifti
 from node.phantom import TINY, write_phantom
 from tests.integration.test_outbox import PASSWORD, USER, SecureOrthanc
-from tests.servers import _die_with_parent, free_port, parse_multipart_related, storescu
+from tests.servers import SegnodeServe, parse_multipart_related, storescu
 
 pytestmark = pytest.mark.integration
 
@@ -49,104 +45,20 @@ outputs = ["seg"]
 """
 
 
-class Node:
-    """``segnode serve`` on free loopback ports with a temporary config; stopped by its PID."""
-
-    def __init__(self, workdir: Path, extra: str = "") -> None:
-        self.workdir = workdir
-        self.http_port, self.dicom_port = free_port(), free_port()
-        (workdir / "rules.toml").write_text(RULES)
-        self.config = workdir / "node.toml"
-        self.config.write_text(f"""
-[node]
-data_dir = "{workdir / "data"}"
-rules = "{workdir / "rules.toml"}"
-[dicom]
-host = "127.0.0.1"
-port = {self.dicom_port}
-[http]
-port = {self.http_port}
-tokens = {{ e2e = "{TOKEN}" }}
-[ingest]
-quiet_seconds = 30
-fsync = false
-[outbox]
-initial_delay_s = 0.2
-max_delay_s = 0.5
-poll_s = 0.2
-{extra}
-""")
-        self.process: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def start(self) -> Node:
-        self.starts += 1
-        with open(self.workdir / f"serve-{self.starts}.log", "wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "node", "--config", str(self.config), "serve"],
-                cwd=REPO,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent,
-            )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"segnode serve exited:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", trust_env=False, timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"segnode serve did not start:\n{self.log()}")
-
-    def log(self) -> str:
-        return "\n".join(
-            (self.workdir / f"serve-{n}.log").read_text(errors="replace")[-3000:]
-            for n in range(1, self.starts + 1)
-        )
-
-    def api(self, path: str) -> Any:
-        response = httpx.get(
-            self.url + path, headers={"Authorization": f"Bearer {TOKEN}"}, trust_env=False, timeout=10
-        )
-        response.raise_for_status()
-        return response.json()
-
-    def wait_job(self, predicate: Callable[[dict], bool], timeout: float = 60) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for job in self.api("/api/jobs"):
-                if predicate(job):
-                    return self.api(f"/api/jobs/{job['id']}")
-            time.sleep(0.05)
-        raise AssertionError(f"no job as expected within {timeout} s: {self.api('/api/jobs')}\n{self.log()}")
-
-    def stop(self) -> None:
-        process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            os.kill(process.pid, signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+def make_node(workdir: Path, extra: str = "") -> SegnodeServe:
+    """A node for these tests: no fsync (speed), a quick outbox retry, and ``extra`` tables."""
+    outbox = "[outbox]\ninitial_delay_s = 0.2\nmax_delay_s = 0.5\npoll_s = 0.2\n"
+    return SegnodeServe(workdir, rules=RULES, token=TOKEN, ingest="fsync = false", extra=outbox + extra)
 
 
 @pytest.fixture
-def node_factory(tmp_path: Path) -> Iterator[Callable[[str], Node]]:
-    nodes: list[Node] = []
+def node_factory(tmp_path: Path) -> Iterator[Callable[[str], SegnodeServe]]:
+    nodes: list[SegnodeServe] = []
 
-    def make(extra: str = "") -> Node:
+    def make(extra: str = "") -> SegnodeServe:
         folder = tmp_path / f"node{len(nodes)}"
         folder.mkdir()
-        nodes.append(Node(folder, extra))
+        nodes.append(make_node(folder, extra))
         return nodes[-1]
 
     yield make

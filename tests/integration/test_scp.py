@@ -318,9 +318,13 @@ def test_sigkill_during_ingest_loses_no_acknowledged_instance(tmp_path: Path) ->
 
     # Restart: the spool is reconciled, and the interrupted series is handed on by the quiet period.
     node = _start_node(data, port, quiet=0.5)
-    try:
-        readable, _, _ = select.select([node.stdout], [], [], 30)
-        line = node.stdout.readline() if readable else ""
+    line, deadline = "", time.monotonic() + 60
+    try:  # the first "ready" line, whatever else the listener prints first
+        while '"ready"' not in line and time.monotonic() < deadline:
+            readable, _, _ = select.select([node.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            line = node.stdout.readline() if readable else ""
+            if readable and not line:  # stdout closed: the listener exited
+                break
     finally:
         node.send_signal(signal.SIGTERM)
         node.wait(30)

@@ -3,11 +3,7 @@ middle of a job, then a restart, completes that job exactly once."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +14,7 @@ from dicomweb_client import DICOMwebClient
 
 from node.dicom.series import read_datasets
 from node.phantom import PhantomSpec, write_phantom
-from tests.servers import _die_with_parent, free_port, storescu
+from tests.servers import SegnodeServe, free_port, storescu
 
 pytestmark = pytest.mark.integration
 
@@ -35,91 +31,9 @@ engine = "threshold"
 """
 
 
-class Node:
-    """One ``segnode serve`` process on free loopback ports, stopped by its PID."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.data_dir = workdir / "data"
-        self.http_port, self.dicom_port = free_port(), free_port()
-        (workdir / "rules.toml").write_text(RULES)
-        self.config = workdir / "node.toml"
-        self.config.write_text(f"""
-[node]
-data_dir = "{self.data_dir}"
-rules = "{workdir / 'rules.toml'}"
-[dicom]
-host = "127.0.0.1"
-port = {self.dicom_port}
-[http]
-port = {self.http_port}
-tokens = {{ test = "{TOKEN}" }}
-[ingest]
-quiet_seconds = 30
-[queue]
-retry_delay_s = 1
-""")
-        self.process: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def start(self) -> Node:
-        self.starts += 1
-        log = open(self.workdir / f"serve-{self.starts}.log", "wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "node", "--config", str(self.config), "serve"], cwd=REPO, stdout=log,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"segnode serve exited:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", trust_env=False, timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"segnode serve did not start:\n{self.log()}")
-
-    def log(self, tail: int | None = 4000) -> str:
-        text = (self.workdir / f"serve-{self.starts}.log").read_text(errors="replace")
-        return text[-tail:] if tail else text
-
-    def api(self, path: str) -> object:
-        response = httpx.get(self.url + path, headers={"Authorization": f"Bearer {TOKEN}"}, trust_env=False,
-                             timeout=10)
-        response.raise_for_status()
-        return response.json()
-
-    def wait_job(self, predicate, timeout: float = 60) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            jobs = self.api("/api/jobs")
-            for job in jobs:  # type: ignore[union-attr]
-                if predicate(job):
-                    return job
-            time.sleep(0.02)
-        raise AssertionError(f"no job as expected within {timeout} s: {self.api('/api/jobs')}\n{self.log()}")
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        process, self.process = self.process, None
-        if process is None:
-            return 0
-        if process.poll() is None:
-            os.kill(process.pid, sig)
-        try:
-            return process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            return process.wait()
-
-
 @pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    node = Node(tmp_path)
+def node(tmp_path: Path) -> Iterator[SegnodeServe]:
+    node = SegnodeServe(tmp_path, rules=RULES, token=TOKEN, extra="[queue]\nretry_delay_s = 1\n")
     yield node
     node.stop()
 
@@ -129,7 +43,7 @@ def phantom(tmp_path: Path, size: tuple[int, int, int], seed: int) -> Path:
     return write_phantom(spec, tmp_path / f"phantom-{seed}")["dicom"]
 
 
-def test_a_series_sent_by_stow_becomes_a_finished_job(node: Node, tmp_path: Path) -> None:
+def test_a_series_sent_by_stow_becomes_a_finished_job(node: SegnodeServe, tmp_path: Path) -> None:
     series = phantom(tmp_path, (64, 64, 40), seed=1)
     node.start()
     session = requests.Session()
@@ -156,7 +70,7 @@ def test_a_series_sent_by_stow_becomes_a_finished_job(node: Node, tmp_path: Path
     assert node.stop() == 0  # SIGTERM: a clean shutdown
 
 
-def test_kill_9_during_a_job_then_restart_completes_it_exactly_once(node: Node, tmp_path: Path) -> None:
+def test_kill_9_during_a_job_then_restart_completes_it_exactly_once(node: SegnodeServe, tmp_path: Path) -> None:
     series = phantom(tmp_path, (256, 256, 160), seed=2)  # a few seconds of segmentation
     node.start()
     storescu([series], "127.0.0.1", node.dicom_port, "SEGNODE", calling_aet="CT_SCANNER")
