@@ -47,6 +47,7 @@ from typing import Any
 
 from node.config import Destination, OutboxSection, Settings
 from node.export.senders import DeliveryError, Failure, Item, Sender, make_sender
+from node.sqlite import connect_durable
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +150,7 @@ class Outbox:
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None, check_same_thread=False)
-            db.execute("pragma journal_mode=wal")
-            db.execute("pragma synchronous=full")
+            db = connect_durable(self.db_path)
             db.row_factory = sqlite3.Row
             self._local.db = db
             with self._connections_lock:

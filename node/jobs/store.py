@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from node.sqlite import connect_durable
+
 State = Literal["queued", "running", "done", "failed", "superseded"]
 STATES: tuple[State, ...] = ("queued", "running", "done", "failed", "superseded")
 #: States a later generation supersedes (a failed job stays failed: its reason stays visible).
@@ -385,9 +387,7 @@ class SqliteBackend:
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            db.execute("pragma journal_mode=wal")
-            db.execute("pragma synchronous=full")
+            db = connect_durable(self.path)
             self._local.db = db
         return db
 
