@@ -37,7 +37,7 @@ import numpy as np
 from scipy import ndimage
 
 from node.classes import Code, LabelClass, LabelVolume
-from node.segment import SegmentationError, SegmentRequest
+from node.segment import SegmentationError, SegmentRequest, morphology
 from node.volume import Volume
 
 ANATOMICAL_STRUCTURE = Code("123037004", "SCT", "Anatomical Structure")
@@ -114,44 +114,17 @@ def _thick_parts(mask: np.ndarray, radius_mm: float, spacing_kji: np.ndarray) ->
 
 
 def _thick_parts_in(mask: np.ndarray, radius_mm: float, spacing_kji: np.ndarray) -> np.ndarray:
-    core = ndimage.distance_transform_edt(mask, sampling=spacing_kji) > radius_mm
+    core = morphology.distance(mask, spacing_kji) > radius_mm
     if not core.any():
         return np.zeros_like(mask)
-    opened = (ndimage.distance_transform_edt(~core, sampling=spacing_kji) <= radius_mm) & mask
-    rest, n = ndimage.label(mask & ~opened, structure=np.ones((3, 3, 3), bool))
+    opened = (morphology.distance(~core, spacing_kji) <= radius_mm) & mask
+    rest, n = morphology.label(mask & ~opened)
     if n == 0:
         return opened
-    reach = ndimage.maximum(
-        ndimage.distance_transform_edt(~opened, sampling=spacing_kji), labels=rest, index=np.arange(1, n + 1)
-    )
-    rim = np.concatenate([[False], np.asarray(reach) <= radius_mm])[rest]
-    return opened | rim
-
-
-def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
-    out = np.empty_like(mask)
-    for k in range(mask.shape[0]):
-        out[k] = ndimage.binary_fill_holes(mask[k])
-    return out
-
-
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    labels, n = ndimage.label(mask)
-    if n == 0:
-        return mask
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(np.argmax(sizes))
-
-
-def _drop_small(mask: np.ndarray, min_voxels: int) -> np.ndarray:
-    if min_voxels <= 1 or not mask.any():
-        return mask
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
-    sizes = np.bincount(labels.ravel())
-    keep = sizes >= min_voxels
-    keep[0] = False
-    return keep[labels]
+    # A leftover piece is rim when none of its voxels lies further than radius_mm from the opening.
+    far = np.zeros(n + 1, bool)
+    far[rest[morphology.distance(~opened, spacing_kji) > radius_mm]] = True
+    return opened | ((rest > 0) & ~far[rest])
 
 
 class ThresholdEngine:
@@ -174,21 +147,19 @@ class ThresholdEngine:
         if p.smooth_mm > 0:
             hu = ndimage.gaussian_filter(hu, sigma=p.smooth_mm / spacing_kji, truncate=2.5)
 
-        dense = _largest_component(hu > p.body_hu)
-        body = _fill_holes_per_slice(dense)
+        dense = morphology.largest_component(hu > p.body_hu)
+        body = morphology.fill_holes_per_slice(dense)
         if not body.any():
             raise SegmentationError("empty_body", f"no voxel above {p.body_hu:g} HU: is this a CT in HU?")
 
         # Closing (on a padded copy: at the array's edge scipy's closing would erode) seals cortices.
-        cross = ndimage.generate_binary_structure(3, 1)
-        bone = ndimage.binary_closing(np.pad(hu >= p.bone_hu, 1), structure=cross)
-        bone = bone[1:-1, 1:-1, 1:-1]
-        bone = _drop_small(_fill_holes_per_slice(bone) & body, min_voxels)
+        bone = morphology.erode(morphology.dilate(np.pad(hu >= p.bone_hu, 1)))[1:-1, 1:-1, 1:-1]
+        bone = morphology.drop_small(morphology.fill_holes_per_slice(bone) & body, min_voxels)
 
-        near_bone = ndimage.binary_dilation(bone, structure=np.ones((3, 3, 3), bool))
+        near_bone = morphology.dilate(bone, cube=True)
         enhanced = (hu >= p.vessel_hu) & body & ~near_bone
         blobs = _thick_parts(enhanced, p.blob_radius_mm, spacing_kji)
-        vessels = _drop_small(enhanced & ~blobs, min_voxels)
+        vessels = morphology.drop_small(enhanced & ~blobs, min_voxels)
 
         labels = np.zeros(hu.shape, np.uint8)
         labels[body] = BODY
