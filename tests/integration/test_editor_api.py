@@ -89,7 +89,12 @@ def test_pages_are_open_and_the_api_is_not(node: Node) -> None:
             assert (http.get(path).status_code, http.get(path).json()) == (401, {"error": "authentication required"})
         assert http.post(f"/api/edit/{node.series_uid}/save", json={}).status_code == 401
         assert http.post("/", content=b"x").status_code == 401  # only GET/HEAD of pages are open
-        bad = http.get(f"/api/edit/{node.series_uid}", headers={"Authorization": "Bearer expired"})
+        expired = {"Authorization": "Bearer expired"}
+        for path in (f"/api/edit/{node.series_uid}", f"/api/edit/{node.series_uid}/image/0",
+                     f"/api/edit/{node.series_uid}/labels/0"):
+            bad = http.get(path, headers=expired)
+            assert (bad.status_code, bad.json()) == (401, {"error": "authentication required"}), path
+        bad = http.post(f"/api/edit/{node.series_uid}/save", json={"base_version": 1}, headers=expired)
         assert (bad.status_code, bad.json()) == (401, {"error": "authentication required"})
     with client(node, "bob") as http:
         assert http.get("/api/whoami").json() == {"user": "bob", "auth": True}

@@ -17,7 +17,7 @@ const S = {
   inflight: new Map(), undo: [], redo: [],
   tool: "brush", size: 5, active: null, classes: new Map(),
   window: { center: 40, width: 400 }, lut: null, opacity: 0.5, showOverlay: true, colorLut: null,
-  timings: [], stroke: null, user: null, canSave: false, saving: false, shown: -1,
+  timings: [], opened: null, stroke: null, user: null, canSave: false, saving: false, shown: -1,
 };
 window.segnodeEditor = S; // for tests and the curious
 
@@ -190,12 +190,17 @@ function hud(ms) {
 
 let showSeq = 0;
 
-async function show(k) {
+// Shows slice k. `since`: when the input that asked for it happened (its event.timeStamp, on the
+// performance.now() clock); each slice drawn adds {k, ms, cached, input, frame} to S.timings: ms from the
+// input to both planes drawn on their canvases, input the part before this call (the browser's dispatch of
+// the event), frame to the start of the next animation frame (the one that puts them on screen).
+async function show(k, since) {
   if (!S.info) return;
   k = Math.max(0, Math.min(S.n - 1, Math.round(k)));
   if (S.stroke) endStroke();
   const seq = ++showSeq;
-  const t0 = performance.now();
+  const called = performance.now();
+  const t0 = since ?? called;
   S.k = k;
   $("slider").value = String(k);
   $("slice-label").textContent = `${k} / ${S.n - 1}`;
@@ -211,7 +216,9 @@ async function show(k) {
     renderOverlay(plane);
     S.shown = k;
     const ms = performance.now() - t0;
-    S.timings.push({ k, ms, cached });
+    const timing = { k, ms, cached, input: called - t0, frame: null };
+    S.timings.push(timing);
+    requestAnimationFrame(() => { timing.frame = performance.now() - t0; });
     hud(ms);
     document.body.dataset.slice = String(k);
   } catch (e) {
@@ -444,13 +451,13 @@ $("show-overlay").addEventListener("change", () => {
   S.showOverlay = $("show-overlay").checked;
   renderOverlay(S.labels.get(S.k));
 });
-$("slider").addEventListener("input", () => show(Number($("slider").value)));
+$("slider").addEventListener("input", (event) => show(Number($("slider").value), event.timeStamp));
 $("undo").addEventListener("click", undo);
 $("redo").addEventListener("click", redo);
 $("save").addEventListener("click", save);
 $("strip").addEventListener("click", (event) => {
   const r = $("strip").getBoundingClientRect();
-  show(Math.floor(((event.clientX - r.left) / r.width) * S.n));
+  show(Math.floor(((event.clientX - r.left) / r.width) * S.n), event.timeStamp);
 });
 
 let wheel = 0;
@@ -458,7 +465,7 @@ $("viewport").addEventListener("wheel", (event) => {
   event.preventDefault();
   wheel += event.deltaMode === 1 ? event.deltaY * 40 : event.deltaY;
   if (Math.abs(wheel) >= WHEEL_STEP) {
-    show(S.k + Math.sign(wheel));
+    show(S.k + Math.sign(wheel), event.timeStamp);
     wheel = 0;
   }
 }, { passive: false });
@@ -475,9 +482,9 @@ document.addEventListener("keydown", (event) => {
   if (mod || event.altKey) return;
   if (target === $("slider") && key.startsWith("Arrow") || target === $("slider") && ["PageUp", "PageDown", "Home", "End"].includes(key)) return;
   const steps = { ArrowDown: 1, ArrowRight: 1, ArrowUp: -1, ArrowLeft: -1, PageDown: 10, PageUp: -10 };
-  if (key in steps) { event.preventDefault(); show(S.k + steps[key]); }
-  else if (key === "Home") { event.preventDefault(); show(0); }
-  else if (key === "End") { event.preventDefault(); show(S.n - 1); }
+  if (key in steps) { event.preventDefault(); show(S.k + steps[key], event.timeStamp); }
+  else if (key === "Home") { event.preventDefault(); show(0, event.timeStamp); }
+  else if (key === "End") { event.preventDefault(); show(S.n - 1, event.timeStamp); }
   else if (key === "b" || key === "B") setTool("brush");
   else if (key === "e" || key === "E") setTool("eraser");
   else if (key === "[") setSize(S.size - 1);
@@ -568,6 +575,7 @@ window.addEventListener("beforeunload", (event) => {
 // --- opening the series -------------------------------------------------------------------------
 
 async function open() {
+  const t0 = performance.now();
   let info;
   try {
     info = await api(`/api/edit/${series}`);
@@ -606,7 +614,10 @@ async function open() {
   new ResizeObserver(layout).observe($("viewport"));
   layout();
   updateEdited(0);
+  const infoMs = performance.now() - t0;
   await show(Math.floor(S.n / 2));
+  // The first load: the series' info (the server reads the series and its labels once), then the first slice.
+  S.opened = { infoMs, firstSliceMs: performance.now() - t0 };
   $("viewport").focus();
   document.body.dataset.ready = "1";
 }
@@ -617,6 +628,10 @@ setupLogin((user, auth, error, rejected) => {
   if (S.info) {
     S.canSave = !!user && auth !== false;
     updateEdited(S.k);
+    if (user) {
+      say(""); // signed in again (e.g. after an expired token): what was refused is fetched again
+      if (S.shown !== S.k) show(S.k);
+    }
   }
   if (user || auth === false) {
     if (!S.info) open();
