@@ -572,6 +572,32 @@ def worker_command() -> None:
         raise fail(str(exc), 2) from None
 
 
+@app.command("viewer")
+def viewer_command(
+    dicomweb: Annotated[Optional[str], typer.Option(
+        help="DICOMweb root to review (default: \\[orthanc] url + dicomweb_root, with its credentials).")] = None,
+    ohif_dist: Annotated[Optional[Path], typer.Option(help="OHIF's dist/ (default: what make setup fetched).")] = None,
+    username: Annotated[str, typer.Option(help="Basic user for --dicomweb.")] = "",
+    password: Annotated[str, typer.Option(envvar="SEGNODE_VIEWER_PASSWORD", show_default=False)] = "",
+    host: str = "127.0.0.1",
+    port: int = 3000,
+) -> None:
+    """Review results in OHIF: its viewer, with a DICOMweb server behind a same-origin proxy (no CORS)."""
+    from node.web.viewer import DEFAULT_DIST, ViewerError, serve_viewer
+
+    if dicomweb is None:
+        orthanc = settings().orthanc
+        if not orthanc.url:
+            raise fail("no DICOMweb server: give --dicomweb, or set [orthanc] url", 2)
+        dicomweb = orthanc.url.rstrip("/") + orthanc.dicomweb_root
+        username, password = orthanc.username, orthanc.password.get_secret_value()
+    try:
+        serve_viewer(ohif_dist or DEFAULT_DIST, dicomweb, host=host, port=port, username=username,
+                     password=password)
+    except ViewerError as exc:
+        raise fail(str(exc), 2) from None
+
+
 xnat_app = typer.Typer(
     help="XNAT case folders (SCANS + ASSESSORS): inventory, per-object NIfTI, clean DICOM-SEG.",
     no_args_is_help=True,

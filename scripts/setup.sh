@@ -50,6 +50,30 @@ if command -v npm >/dev/null; then
 else
   echo "setup: npm not found: the dcmjs check in tests/integration/test_seg_conformance.py will be skipped"
 fi
+# The OHIF viewer (npm @ohif/app, its prebuilt static dist/) for tests/browser/test_ohif.py and
+# `segnode viewer`: `npm pack` only (no dependencies), the tarball checked against the pinned sha512,
+# dist/ kept in .cache/ohif/<version>/ (about 200 MB), the tarball removed.
+OHIF_VERSION=3.13.2
+OHIF_INTEGRITY=sha512-WZdxmpmG7rqFgW9ZJLcbgr3XCtLi1KDNPoMaeY5PPe6j4G4fjEjjkycZM6C6Zk2F87BKxFfpq+jd5xXZB9E8EA==
+ohif_dir=.cache/ohif/$OHIF_VERSION
+if [ ! -f "$ohif_dir/.segnode-installed" ]; then
+  if command -v npm >/dev/null; then
+    echo "setup: fetching OHIF $OHIF_VERSION (npm pack @ohif/app, about 50 MB)"
+    rm -rf "$ohif_dir" && mkdir -p "$ohif_dir"
+    npm pack "@ohif/app@$OHIF_VERSION" --pack-destination "$ohif_dir" --loglevel=error >/dev/null
+    ohif_tgz="$ohif_dir/ohif-app-$OHIF_VERSION.tgz"
+    got=$(.venv/bin/python -c 'import base64, hashlib, sys
+print("sha512-" + base64.b64encode(hashlib.sha512(open(sys.argv[1], "rb").read()).digest()).decode())' "$ohif_tgz")
+    if [ "$got" != "$OHIF_INTEGRITY" ]; then
+      echo "setup: $ohif_tgz is $got, not the pinned $OHIF_INTEGRITY" >&2; exit 1
+    fi
+    tar -xzf "$ohif_tgz" -C "$ohif_dir" --strip-components=1 package/dist
+    rm "$ohif_tgz"
+    touch "$ohif_dir/.segnode-installed"
+  else
+    echo "setup: npm not found: the OHIF browser test (tests/browser/test_ohif.py) will be skipped"
+  fi
+fi
 # Blender for the scene builder (node/artifacts/blender_scene.py): pip's bpy 5.0.1 (cp311, a 374 MB
 # wheel, about 1 GB installed) needs numpy < 2, so it gets its own venv. SEGNODE_SKIP_BLENDER=1 skips it
 # (the Blender tests then skip; SEGNODE_BLENDER may point at a Blender >= 4.2 binary instead).

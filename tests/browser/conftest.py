@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ import pytest
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]
+#: WebGL without a GPU, headless: ANGLE on SwiftShader (the "unsafe" flag allows it for WebGL content).
+WEBGL_ARGS = ["--use-angle=swiftshader", "--enable-unsafe-swiftshader"]
 #: A laptop screen.
 VIEWPORT = {"width": 1366, "height": 768}
 
@@ -46,16 +49,16 @@ def screenshots() -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def browser_context() -> Iterator[object]:
-    """A headless Chromium with a fresh profile; pages share it within a module."""
+@contextmanager
+def chromium(args: list[str]) -> Iterator[object]:
+    """A headless Chromium with a fresh profile (a Playwright BrowserContext), closed and removed after."""
     from playwright.sync_api import sync_playwright
 
     profile = tempfile.mkdtemp(prefix="segnode-chromium-")
     try:
         with sync_playwright() as p:
             context = p.chromium.launch_persistent_context(
-                profile, executable_path=str(CHROMIUM), headless=True, args=ARGS, viewport=VIEWPORT,
+                profile, executable_path=str(CHROMIUM), headless=True, args=args, viewport=VIEWPORT,
                 accept_downloads=True)
             try:
                 yield context
@@ -63,3 +66,17 @@ def browser_context() -> Iterator[object]:
                 context.close()
     finally:
         shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def browser_context() -> Iterator[object]:
+    """A headless Chromium with a fresh profile; pages share it within a module."""
+    with chromium(ARGS) as context:
+        yield context
+
+
+@pytest.fixture(scope="module")
+def webgl_browser_context() -> Iterator[object]:
+    """The same with WebGL (OHIF's cornerstone3D needs it): SwiftShader, Chromium's CPU renderer."""
+    with chromium(ARGS + WEBGL_ARGS) as context:
+        yield context
