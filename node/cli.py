@@ -404,6 +404,8 @@ def run(
         tasks: dict[str, object] = {}
 
         def show(event: ProgressEvent) -> None:
+            if event.status == "output":  # an output is ready to deliver: the stage's line says it
+                return
             if event.status == "started":
                 tasks[event.stage] = progress.add_task(event.stage, total=None)
             elif event.status == "progress":

@@ -103,6 +103,20 @@ def _watch_orphans(store: JobStore, enqueue: Callable[[str, float], None], stale
             log.exception("orphan check failed")
 
 
+def _warm_up() -> None:
+    """In the background: what the first job would otherwise pay (highdicom's import and tables)."""
+
+    def run() -> None:
+        try:
+            from node.dicom.seg_write import warm_up
+
+            warm_up()
+        except Exception:  # only a lost head start
+            log.warning("warm-up failed", exc_info=True)
+
+    threading.Thread(target=run, name="segnode-warm-up", daemon=True).start()
+
+
 def serve(settings: Settings, *, on_started: Callable[[], None] | None = None) -> None:
     """Run the node until SIGINT/SIGTERM."""
     import uvicorn
@@ -122,11 +136,14 @@ def serve(settings: Settings, *, on_started: Callable[[], None] | None = None) -
     hooks: tuple[Hook, ...] = ()
     if settings.ingest.retention_days > 0:
         hooks = (retention_hook(receiver, settings.ingest.retention_days),)
-    # The outbox: a done job's DICOM results are queued for its destinations (durably, before the
-    # hook returns) and delivered by one thread per destination; states go to the job's record.
+    # The outbox: a job's SEG is queued for its destinations as soon as it is written (the meshes and
+    # NIfTI files follow while it is sent), a done job's DICOM results again (a no-op for those already
+    # queued); durably, before the hook returns; delivered by one thread per destination; states go to
+    # the job's record.
     outbox = Outbox.from_settings(settings, on_change=store.set_destinations)
     hooks = (outbox.enqueue_results, *hooks)
-    runner.append(JobRunner(store, settings, enqueue=queue.enqueue, hooks=hooks))
+    runner.append(JobRunner(store, settings, enqueue=queue.enqueue, hooks=hooks,
+                            on_output=(outbox.enqueue_output,)))
     router = Router(settings, store, queue.enqueue,
                     sop_uids=lambda uid: [r.info.sop_instance_uid for r in receiver.spool.instances(uid)])
 
@@ -148,6 +165,7 @@ def serve(settings: Settings, *, on_started: Callable[[], None] | None = None) -
         if caught_up:
             log.info("outbox: %d done job(s) had results not yet queued; queued now", caught_up)
         outbox.start()
+        _warm_up()
         threading.Thread(target=_watch_orphans, args=(store, queue.enqueue, settings.queue.stale_after_s, stop),
                          name="segnode-orphans", daemon=True).start()
         listener = Listener(settings.dicom, receiver).start()
@@ -188,7 +206,9 @@ def work(settings: Settings) -> None:
 
     # Results are written here, so they are delivered from here (this machine's <data_dir>/outbox).
     outbox = Outbox.from_settings(settings, on_change=store.set_destinations)
-    runner.append(JobRunner(store, settings, enqueue=queue.enqueue, hooks=(outbox.enqueue_results,)))
+    runner.append(JobRunner(store, settings, enqueue=queue.enqueue, hooks=(outbox.enqueue_results,),
+                            on_output=(outbox.enqueue_output,)))
+    _warm_up()
     log.info("worker: %d thread(s) on the Redis queue", settings.queue.workers)
     outbox.start()
     try:

@@ -689,7 +689,11 @@ class _FastSeg:
             ks = ks[present[ks - zs.start]]
             if not len(ks):
                 continue
-            chosen = sub[ks - zs.start]
+            index = ks - zs.start
+            if np.all(np.diff(index) == 1):  # the usual run of slices in order: a view, not a copy
+                chosen = sub[index[0]:index[-1] + 1]
+            else:
+                chosen = sub[index]
             if aligned:
                 blocks.append((len(frames), ys, xs, np.packbits(chosen, axis=-1, bitorder="little")))
             else:
@@ -749,3 +753,16 @@ class _FastSeg:
             fp.write(b"\xfe\xff\xdd\xe0\0\0\0\0")  # sequence delimitation item
         elif len(data) % 2:
             fp.write(b"\0")
+
+
+def warm_up() -> None:
+    """Build a tiny SEG in memory, so that a long-running node pays highdicom's import and the tables
+    of the standard it loads on first use (~0.5 s together) at start, not in its first job's SEG."""
+    from node.dicom.writer import SeriesInfo, series_datasets
+    from node.volume import Geometry, Volume
+
+    ct = Volume(np.zeros((2, 8, 8), np.int16), Geometry(origin=(0.0, 0.0, 0.0), spacing=(1.0, 1.0, 1.0)))
+    datasets = series_datasets(ct, SeriesInfo(uid_seed="segnode warm-up"))
+    array = np.zeros((2, 8, 8), np.uint8)
+    array[:, 2:6, 2:6] = 1
+    build_seg(LabelVolume(array, ct.geometry, classes={1: LabelClass(1, "liver")}), datasets)

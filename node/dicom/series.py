@@ -22,6 +22,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from node.errors import NodeError
 from node.volume import Geometry, SeriesIdentity, Volume
@@ -201,7 +202,8 @@ def _frames(name: str, ds: Dataset) -> list[_Frame]:
     def pixels(index: int) -> np.ndarray:
         if "all" not in decoded:
             try:
-                decoded["all"] = ds.pixel_array
+                native = _native_pixels(ds, count)
+                decoded["all"] = native if native is not None else ds.pixel_array
             except Exception as exc:  # decoder missing, truncated or corrupt data
                 ts = getattr(ds.file_meta, "TransferSyntaxUID", None)
                 ts_name = getattr(ts, "name", ts)
@@ -350,16 +352,65 @@ def _check_tilt(frames: list[_Frame], normal: np.ndarray, gantry_tilt: object) -
         )
 
 
+#: Uncompressed little-endian transfer syntaxes: their pixels are read straight from the bytes.
+_NATIVE_LITTLE_ENDIAN = frozenset({ImplicitVRLittleEndian, ExplicitVRLittleEndian})
+
+
+def _native_pixels(ds: Dataset, count: int) -> np.ndarray | None:
+    """Uncompressed little-endian pixels read with ``np.frombuffer``, exactly the values of pydicom's
+    ``pixel_array`` (unused high bits corrected as it does: shifted out, sign-extended when signed),
+    without its per-call set-up (~0.5 ms a slice: 0.15 s of a 300-slice series). None for anything
+    else (compressed, big endian, 1-bit, short data): pydicom decodes it, and reports what is wrong."""
+    meta = getattr(ds, "file_meta", None)
+    if getattr(meta, "TransferSyntaxUID", None) not in _NATIVE_LITTLE_ENDIAN:
+        return None
+    try:
+        bits, rows, cols = int(ds.BitsAllocated), int(ds.Rows), int(ds.Columns)
+        stored = int(ds.get("BitsStored") or bits)
+        signed = int(ds.PixelRepresentation) == 1
+        data = ds.PixelData
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+    n = rows * cols * count
+    if bits not in (8, 16, 32) or not 0 < stored <= bits or not isinstance(data, bytes):
+        return None
+    if len(data) < n * bits // 8:
+        return None
+    arr = np.frombuffer(data, dtype=f"<{'i' if signed else 'u'}{bits // 8}", count=n)
+    arr = arr.reshape((count, rows, cols) if count > 1 else (rows, cols))
+    if stored < bits:  # PS3.5 8.1.1: the unused bits' values cannot be assumed
+        shift = bits - stored
+        arr = (arr << shift) >> shift
+    return arr
+
+
 def _stack_pixels(frames: list[_Frame]) -> np.ndarray:
-    raw = np.stack([f.pixels() for f in frames])
+    """The frames' values (rescaled) in one array, built slice by slice into its final dtype.
+
+    int16 when every slope is 1, every intercept an integer and every value fits, else int32 (the
+    values do not fit) or float32 (a slope or a fractional intercept). No whole-volume temporaries:
+    for a 512 x 512 x 300 CT, stacking, widening to int32 and narrowing back cost ~1 s of allocation
+    and copying; slice by slice it is one pass."""
+    rows, cols = frames[0].size
     slopes = np.array([f.slope for f in frames])
     intercepts = np.array([f.intercept for f in frames])
     if np.all(slopes == 1) and np.all(intercepts == np.round(intercepts)):
-        values = raw.astype(np.int32) + intercepts.astype(np.int32)[:, None, None]
-        if values.min() >= np.iinfo(np.int16).min and values.max() <= np.iinfo(np.int16).max:
-            return values.astype(np.int16)
-        return values
-    return (raw.astype(np.float32) * slopes[:, None, None] + intercepts[:, None, None]).astype(np.float32)
+        small = np.iinfo(np.int16)
+        out = np.empty((len(frames), rows, cols), np.int16)
+        for k, (frame, intercept) in enumerate(zip(frames, intercepts.astype(np.int32).tolist())):
+            raw = frame.pixels()
+            if out.dtype == np.int16 and raw.size:
+                low, high = int(raw.min()) + intercept, int(raw.max()) + intercept
+                if not (small.min <= low and high <= small.max):
+                    out = out.astype(np.int32)  # a value beyond int16: the whole volume is int32
+            # Computed in int32 (as intercept + value always was), stored in out's dtype: exact for
+            # int16, as every value was checked to fit; in int32, values beyond it wrap as before.
+            np.add(raw, intercept, out=out[k], dtype=np.int32, casting="unsafe")
+        return out
+    out = np.empty((len(frames), rows, cols), np.float32)
+    for k, (frame, slope, intercept) in enumerate(zip(frames, slopes, intercepts)):  # numpy float64s
+        out[k] = frame.pixels().astype(np.float32) * slope + intercept  # computed in float64, as always
+    return out
 
 
 def volume_from_datasets(
@@ -425,6 +476,21 @@ def read_series(
     ``spacing_tolerance`` is the allowed deviation of each slice step from the median step,
     as a fraction of it (plus 0.005 mm for rounding in written positions).
     """
+    return load_series(
+        path, series_uid, min_slices=min_slices, spacing_tolerance=spacing_tolerance, progress=progress
+    )[0]
+
+
+def load_series(
+    path: Path,
+    series_uid: str | None = None,
+    *,
+    min_slices: int = 2,
+    spacing_tolerance: float = 0.01,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[Volume, list[Dataset]]:
+    """:func:`read_series`, and the headers of the volume's instances (their pixel data dropped), which
+    the DICOM-SEG writer references: the pipeline keeps them, so the series is read once, not twice."""
     datasets, not_dicom = read_datasets(path, progress)
     if not datasets:
         example = f" (e.g. {not_dicom[0]})" if not_dicom else ""
@@ -444,4 +510,8 @@ def read_series(
     volume = volume_from_datasets(images, min_slices=min_slices, spacing_tolerance=spacing_tolerance)
     if not_dicom:
         volume.notes.append(f"skipped {len(not_dicom)} non-DICOM file(s)")
-    return volume
+    headers = []
+    for _, ds in images:
+        del ds.PixelData  # the volume has the values; the headers stay small
+        headers.append(ds)
+    return volume, headers

@@ -1,7 +1,9 @@
 """The outbox: a job's DICOM results, delivered to each of its destinations exactly once, durably.
 
-When a job is done, :meth:`Outbox.enqueue_results` (a :class:`~node.jobs.worker.JobRunner` hook) finds
-the DICOM files in its results folder (the SEG, ``seg.dcm``, and any other ``*.dcm``), hard-links them
+While a job runs, :meth:`Outbox.enqueue_output` (a :class:`~node.jobs.worker.JobRunner` ``on_output``
+hook) takes its SEG as soon as the pipeline has written it, before the other results; when the job is
+done, :meth:`Outbox.enqueue_results` (a ``JobRunner`` hook) finds the DICOM files in its results folder
+(the SEG, ``seg.dcm``, and any other ``*.dcm``; those already queued are no-ops). Both hard-link them
 (copies across filesystems) into ``<data_dir>/outbox/<SOPInstanceUID>.dcm`` and records one
 *delivery* per destination and instance in ``<data_dir>/outbox.db`` (SQLite, WAL, synchronous=FULL),
 all before it returns. One thread per destination then sends what is due, and retries what failed.
@@ -204,6 +206,15 @@ class Outbox:
         return cursor.rowcount
 
     # --- queueing -------------------------------------------------------------------------------
+    def enqueue_output(self, job: Any, name: str, path: Path) -> dict[str, dict[str, Any]]:
+        """The JobRunner ``on_output`` hook: one output of a running job, queued for its destinations
+        at once if it is a DICOM file (the SEG); anything else (meshes, NIfTI) is not for the outbox."""
+        path = Path(path)
+        names = list(getattr(job, "destinations", {}) or {})
+        if not names or path.suffix.lower() != ".dcm" or not path.is_file():
+            return {}
+        return self.enqueue(job.id, names, [path], source_series_uid=job.series_uid, study_uid=job.study_uid)
+
     def enqueue_results(self, job: Any, results_dir: Path) -> dict[str, dict[str, Any]]:
         """The JobRunner hook: the job's DICOM results, queued for each of its destinations."""
         names = list(getattr(job, "destinations", {}) or {})
@@ -587,11 +598,12 @@ class Outbox:
                     "attempts": 0,
                     "last_error": note.get("last_error"),
                     "next_attempt": None,
+                    "queued_at": None,
                     "delivered_at": None,
                 }
         rows = db.execute(
             "select jd.destination, d.state, d.attempts, d.last_error, d.next_at, d.delivered_at, "
-            "d.removed_at from job_deliveries jd join deliveries d "
+            "d.removed_at, d.created from job_deliveries jd join deliveries d "
             "on d.destination = jd.destination and d.sop_uid = jd.sop_uid "
             "where jd.job_id = ? order by jd.destination, jd.sop_uid",
             (job_id,),
@@ -731,6 +743,7 @@ def _summary(rows: list[sqlite3.Row]) -> dict[str, Any]:
         "attempts": max(r["attempts"] for r in rows),
         "last_error": errors[0] if errors else None,
         "next_attempt": round(min(pending), 3) if pending else None,
+        "queued_at": round(min(r["created"] for r in rows), 3),
         "delivered_at": round(max(done), 3) if state == "delivered" and done else None,
     }
     removed = sum(r["removed_at"] is not None for r in rows)

@@ -10,12 +10,13 @@ takes its message with it. Recovery therefore comes from the job store, not from
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from huey import RedisHuey, SqliteHuey
 from huey.api import Huey
-from huey.consumer import Consumer
+from huey.consumer import Consumer, Worker
 
 from node.config import Settings
 
@@ -46,6 +47,21 @@ class _QuietConsumer(Consumer):
         pass
 
 
+def _wakeable(wake: threading.Event) -> type[Worker]:
+    class WakeableWorker(Worker):
+        """A huey worker whose idle wait (SQLite: it polls the queue) ends as soon as this process
+        enqueues a job, not at its next poll: up to ``max_delay`` (0.5 s) before a job started."""
+
+        def sleep(self) -> None:
+            if wake.wait(min(self.delay, self.max_delay)):
+                wake.clear()
+                self.delay = self.default_delay
+            else:
+                self.delay = min(self.delay * self.backoff, self.max_delay)
+
+    return WakeableWorker
+
+
 class JobQueue:
     """Enqueue job ids; run them with ``handler(job_id)`` in a huey consumer."""
 
@@ -60,12 +76,14 @@ class JobQueue:
         # whatever the handler: a producer-only process and a worker must agree on it.
         self._task = huey.task(name=TASK_NAME)(run_job)
         self._consumer: Consumer | None = None
+        self._wake = threading.Event()  # set when this process enqueues: idle workers look at once
 
     def enqueue(self, job_id: str, delay: float = 0.0) -> None:
         if delay > 0:
             self._task.schedule((job_id,), delay=delay)
         else:
             self._task(job_id)
+            self._wake.set()
 
     def pending(self) -> int:
         return self.huey.pending_count()
@@ -73,7 +91,8 @@ class JobQueue:
     def consumer(self, workers: int, *, own_signals: bool = False) -> Consumer:
         """Worker threads plus huey's scheduler (for delayed retries). With ``own_signals`` the
         consumer handles SIGINT/SIGTERM itself (``segnode worker``)."""
-        cls = Consumer if own_signals else _QuietConsumer
+        base = Consumer if own_signals else _QuietConsumer
+        cls = type(base.__name__, (base,), {"worker_class": _wakeable(self._wake)})
         return cls(self.huey, workers=workers, worker_type="thread", periodic=False,
                    initial_delay=0.05, backoff=1.5, max_delay=0.5, check_worker_health=True)
 
@@ -88,5 +107,7 @@ class JobQueue:
         start if they do not finish)."""
         if self._consumer is not None:
             self._consumer.shutdown_timeout = timeout
+            self._consumer.stop_flag.set()
+            self._wake.set()  # idle workers see the stop flag now, not after their wait
             self._consumer.stop(graceful=True)
             self._consumer = None

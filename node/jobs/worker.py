@@ -11,6 +11,14 @@ rather than raising; its error code decides:
 * the job superseded while running: the result is dropped when the run ends (the pipeline swallows
   exceptions from progress callbacks, so a run cannot be stopped half-way).
 
+Outputs to deliver (the DICOM-SEG) do not wait for the job's end: the pipeline writes them first and
+announces each (a progress event of status ``output``); the run, if it still owns the job, hands it to
+the ``on_output`` hooks (the outbox) at once, and the meshes, NIfTI files and report are written while
+it is sent. The job is done when every output is written; the ``hooks`` run then, as before (the
+outbox's is idempotent: an instance already queued is not queued twice). A SEG so sent stays sent if
+a later stage fails; a retry of the job writes the same SOP Instance UID (:func:`seg_uids`), which the
+outbox never sends twice.
+
 Logs name job and series ids only, never patient data.
 """
 
@@ -35,6 +43,8 @@ log = logging.getLogger(__name__)
 PipelineFn = Callable[..., Any]
 #: Called once after a job is done: ``hook(job, results_dir)``.
 Hook = Callable[[Job, Path], None]
+#: Called while a job runs, as soon as the pipeline has written an output: ``hook(job, name, path)``.
+OutputHook = Callable[[Job, str, Path], None]
 #: Bad input and refusals: failed at once with their own code, never retried.
 BAD_INPUT: tuple[type[Exception], ...] = (NodeError,)
 
@@ -84,11 +94,28 @@ def default_pipeline(input_path: Path, outdir: Path, request: Any, progress: Cal
     return run_pipeline(input_path, outdir, request, progress)
 
 
+def seg_uids(job: Job) -> dict[str, str]:
+    """The SEG's Series and SOP Instance UIDs, derived from the job id: every run of a job writes the
+    same instance, so a SEG handed to the outbox by a run that later failed (or was cut off) is not
+    delivered a second time, as another instance, by the retry."""
+    from pydicom.uid import generate_uid
+
+    return {
+        "series_uid": generate_uid(entropy_srcs=["segnode job SEG series", job.id]),
+        "sop_uid": generate_uid(entropy_srcs=["segnode job SEG instance", job.id]),
+    }
+
+
 def build_request(job: Job, settings: Settings) -> Any:
     """The pipeline request of a job: the rule's pipeline over the ``[segmentation]`` settings."""
     from node.pipeline import request_from_settings
 
     spec = job.pipeline
+    stage_options = {k: dict(v) for k, v in (spec.get("stage_options") or {}).items()}
+    if "seg" in (spec.get("outputs") or ()):
+        seg = stage_options.setdefault("seg", {})
+        for key, uid in seg_uids(job).items():
+            seg.setdefault(key, uid)  # a rule's own UIDs win
     return request_from_settings(
         settings,
         engine=spec.get("engine"),
@@ -97,7 +124,7 @@ def build_request(job: Job, settings: Settings) -> Any:
         roi_subset=spec.get("roi_subset"),
         options=spec.get("options"),
         post=spec.get("post") or (),
-        stage_options={k: dict(v) for k, v in (spec.get("stage_options") or {}).items()},
+        stage_options=stage_options,
         series_uid=job.series_uid,
         outputs=spec.get("outputs") or (),
     )
@@ -115,10 +142,11 @@ class JobRunner:
     def __init__(self, store: JobStore, settings: Settings, *, pipeline: PipelineFn = default_pipeline,
                  request: Callable[[Job, Settings], Any] = build_request,
                  enqueue: Callable[[str, float], None] | None = None, hooks: tuple[Hook, ...] = (),
-                 heartbeat_s: float | None = None) -> None:
+                 on_output: tuple[OutputHook, ...] = (), heartbeat_s: float | None = None) -> None:
         self.store, self.settings, self.pipeline, self.request = store, settings, pipeline, request
         self.enqueue = enqueue
         self.hooks = hooks
+        self.on_output = on_output
         self.heartbeat_s = heartbeat_s or max(0.5, settings.queue.stale_after_s / 5)
         self.results_root = Path(settings.node.data_dir) / "results"
         self.worker = worker_id()
@@ -191,6 +219,9 @@ class JobRunner:
         def progress(event: Any) -> None:
             if lost.is_set():
                 return
+            if event.status == "output":
+                self._output(job, event, clock, lost)
+                return
             if event.status == "started":
                 self._closed(clock.enter(event.stage))
             elif event.status in ("done", "skipped", "failed") and clock.current == event.stage:
@@ -207,6 +238,28 @@ class JobRunner:
                 log.exception("job %s: progress update failed", job.id)
 
         return progress
+
+    def _output(self, job: Job, event: Any, clock: StageClock, lost: threading.Event) -> None:
+        """An output is written: handed to the ``on_output`` hooks while the run still owns the job."""
+        assert job.run_id is not None
+        if not self.on_output or event.path is None:
+            return
+        try:  # the record says where the run is; False: superseded or requeued meanwhile
+            owned = self.store.progress(job.id, job.run_id, event.stage, overall_progress(event.stage),
+                                        clock.snapshot())
+        except Exception:
+            log.exception("job %s: progress update failed", job.id)
+            owned = True
+        if not owned:
+            lost.set()
+            return
+        for hook in self.on_output:
+            try:
+                hook(job, event.message or event.stage, Path(event.path))
+            except Exception as exc:  # the hooks at the job's end try again
+                name = getattr(hook, "__name__", repr(hook))
+                log.exception("job %s: output hook %s failed", job.id, name)
+                self._note(job.id, "hook_failed", f"{name}: {type(exc).__name__}: {exc}")
 
     def _beat(self, job: Job, lost: threading.Event, stop: threading.Event) -> None:
         assert job.run_id is not None

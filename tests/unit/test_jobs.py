@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from node.config import Settings
@@ -21,7 +22,8 @@ from node.ingest import Sender, SeriesReady
 from node.jobs import Router, job_key, open_store, reconcile
 from node.jobs.queue import JobQueue, make_huey
 from node.jobs.store import Job, JobStore
-from node.jobs.worker import JobRunner, StageClock, build_request, overall_progress
+from node.jobs.worker import JobRunner, StageClock, build_request, overall_progress, seg_uids
+from node.phantom import TINY, write_phantom
 from node.pipeline import PipelineError, ProgressEvent
 from node.rules import Match, PipelineSpec, Rule
 from node.segment import SegmentationError
@@ -375,7 +377,7 @@ def test_request_from_rule_and_settings(env: Env, tmp_path: Path) -> None:
     assert request.segment.roi_subset == ("liver",) and request.segment.options == {"vessel_hu": 120}
     assert request.segment.weights_dir == env.settings.node.data_dir / "totalsegmentator"
     assert (request.series_uid, request.post) == (job.series_uid, ("liver_vessels",))
-    assert request.stage_options == {"liver_vessels": {"min_component_size": 50}}
+    assert request.stage_options == {"liver_vessels": {"min_component_size": 50}, "seg": seg_uids(job)}
     assert [overall_progress(s, 1, 2) for s in ("load", "segment", "liver_vessels", "write")] == [
         0.085, 0.475, 0.85, 0.95]
 
@@ -394,3 +396,98 @@ def test_a_failing_hook_is_noted_and_the_job_stays_done(tmp_path: Path) -> None:
         assert done.state == "done"
         assert done.history[-1]["event"] == "hook_failed"
         assert done.history[-1]["detail"] == "broken: RuntimeError: outbox unreachable"
+
+
+def meshes_probe(ctx) -> None:
+    """Stands in for the ``meshes`` output in the test below (replaced there by a closure)."""
+    raise AssertionError("replaced by the test")
+
+
+def test_the_seg_is_in_the_outbox_before_the_meshes_are_written(tmp_path: Path, monkeypatch) -> None:
+    """The worker hands the SEG to the outbox as soon as the pipeline has written it, while the run goes
+    on (meshes asked for first, NIfTI files, report); the job is done when every output is written. A
+    retry after a later stage failed writes the same SOP instance, which the outbox queues once."""
+    import sys
+
+    from node import pipeline
+    from node.artifacts.mesh import meshes_stage
+    from node.export.outbox import Outbox
+
+    settings = Settings(node={"data_dir": tmp_path / "data", "rules": tmp_path / "none.toml"},
+                        queue={"retry_delay_s": 0, "max_attempts": 2},
+                        destinations=[{"name": "archive", "kind": "folder", "path": tmp_path / "archive"}])
+    store = open_store(settings)
+    outbox = Outbox.from_settings(settings, on_change=store.set_destinations)  # not started: nothing sent
+    rule = Rule(name="ct", pipeline=PipelineSpec(engine="threshold", outputs=["meshes", "seg"]),
+                destinations=["archive"])
+    folder = write_phantom(TINY, tmp_path / "phantom")["dicom"]
+    first = pydicom.dcmread(min(folder.iterdir()), stop_before_pixels=True)
+    ready = SeriesReady(first.StudyInstanceUID, first.SeriesInstanceUID, folder, 40, "complete",
+                        Sender("dimse", "CT1", "127.0.0.1"), 1)
+    job = Router(settings, store, lambda job_id, delay=0.0: None, rules=(rule,)).on_series_ready(ready)
+    runner = JobRunner(store, settings, hooks=(outbox.enqueue_results,), on_output=(outbox.enqueue_output,))
+    seen: list[dict] = []
+
+    def probe(ctx) -> None:
+        seen.append({
+            "outbox": outbox.job_destinations(job.id)["archive"],
+            "record": store.get(job.id).destinations["archive"]["state"],
+            "files": sorted(p.name for p in ctx.outdir.iterdir() if not p.name.startswith(".")),
+        })
+        if len(seen) == 1:
+            raise OSError("disk hiccup")  # the first run fails after its SEG was handed over
+        meshes_stage(ctx)
+
+    monkeypatch.setitem(pipeline.OUTPUT_STAGES, "meshes", "tests.unit.test_jobs:meshes_probe")
+    monkeypatch.setattr(sys.modules[__name__], "meshes_probe", probe)
+    try:
+        assert runner.run(job.id) == "queued"  # io_error: retried
+        assert runner.run(job.id) == "done"
+        done = store.get(job.id)
+        assert [(s["outbox"]["state"], s["outbox"]["instances"], s["record"], s["files"]) for s in seen] == [
+            ("pending", 1, "pending", ["classes.json", "labels.nii.gz", "seg.dcm", "stats.csv"]),
+        ] * 2
+        assert sorted(done.timings) == ["load", "meshes", "prepare", "seg", "segment", "write"]
+        assert (Path(done.results) / "meshes" / "meshes.json").is_file()
+        sop_uid = pydicom.dcmread(Path(done.results) / "seg.dcm", stop_before_pixels=True).SOPInstanceUID
+        assert sop_uid == seg_uids(done)["sop_uid"]
+        assert outbox.run_once() == 1  # one instance for the two runs
+        assert store.get(job.id).destinations["archive"]["state"] == "delivered"
+        assert [p.name for p in (tmp_path / "archive").rglob("*.dcm")] == [f"{sop_uid}.dcm"]
+    finally:
+        outbox.close()
+        store.close()
+
+
+def test_seg_uids_are_the_job_s_and_a_rule_s_own_win(tmp_path: Path) -> None:
+    settings = Settings(node={"data_dir": tmp_path / "data", "rules": tmp_path / "none.toml"})
+    store = open_store(settings)
+    try:
+        router = Router(settings, store, lambda job_id, delay=0.0: None, rules=(
+            Rule(name="ct", pipeline=PipelineSpec(engine="threshold", outputs=["seg"],
+                                                  stage_options={"seg": {"sop_uid": "1.2.3.4"}})),))
+        job = router.on_series_ready(series(tmp_path))
+        uids = seg_uids(job)
+        assert uids == seg_uids(Job.from_json(job.to_json()))  # the same for every run of the job
+        other = Job.from_json(job.to_json())
+        other.id = "another-job"
+        assert set(seg_uids(other).values()).isdisjoint(uids.values())
+        assert build_request(job, settings).stage_options["seg"] == {"sop_uid": "1.2.3.4",
+                                                                     "series_uid": uids["series_uid"]}
+    finally:
+        store.close()
+
+
+def test_an_idle_worker_looks_at_the_queue_as_soon_as_a_job_is_queued(tmp_path: Path) -> None:
+    """SQLite: huey's workers poll, waiting longer each empty poll (up to 0.5 s); a job queued by this
+    process ends the wait at once and the wait starts short again."""
+    settings = Settings(node={"data_dir": tmp_path / "data", "rules": tmp_path / "none.toml"})
+    queue = JobQueue(make_huey(settings), lambda job_id: None)
+    worker = queue.consumer(1).worker_threads[0][0]
+    worker.delay = worker.max_delay  # long idle
+    queue.enqueue("job-1")
+    worker.sleep()  # returns at once: the wait was ended by the enqueue
+    assert worker.delay == worker.default_delay == 0.05
+    worker.sleep()  # nothing queued meanwhile: a full (short) wait, then a longer one next time
+    assert worker.delay == 0.05 * 1.5
+    assert queue.pending() == 1

@@ -135,6 +135,7 @@ def test_results_are_linked_queued_and_delivered_to_a_folder(tmp_path: Path) -> 
             "attempts": 0,
             "last_error": None,
             "next_attempt": 1000.0,
+            "queued_at": 1000.0,
             "delivered_at": None,
         }
     }
@@ -157,6 +158,7 @@ def test_results_are_linked_queued_and_delivered_to_a_folder(tmp_path: Path) -> 
             "attempts": 1,
             "last_error": None,
             "next_attempt": None,
+            "queued_at": 1000.0,
             "delivered_at": 1001.5,
         }
     }
@@ -192,6 +194,7 @@ def test_transient_failures_follow_the_backoff_schedule_then_fail(tmp_path: Path
         "attempts": 6,
         "last_error": "connection refused",
         "next_attempt": None,
+        "queued_at": 1000.0,
         "delivered_at": None,
     }
     clock.now = 5000.0
@@ -230,6 +233,7 @@ def test_a_permanent_refusal_fails_at_once_and_a_whole_batch_error_counts_for_ea
         "attempts": 1,
         "last_error": "HTTP 401 Unauthorized",
         "next_attempt": None,
+        "queued_at": 1000.0,
         "delivered_at": None,
     }
     assert len(list((tmp_path / "data" / "outbox").iterdir())) == 2  # kept for a retry
@@ -396,6 +400,7 @@ def test_no_dicom_output_or_an_unknown_destination_is_shown_on_the_job(tmp_path:
                     "attempts": 0,
                     "last_error": "the job wrote no DICOM output to send",
                     "next_attempt": None,
+                    "queued_at": None,
                     "delivered_at": None,
                 },
                 "gone": {
@@ -405,6 +410,7 @@ def test_no_dicom_output_or_an_unknown_destination_is_shown_on_the_job(tmp_path:
                     "attempts": 0,
                     "last_error": "no destination named 'gone' in the config",
                     "next_attempt": None,
+                    "queued_at": None,
                     "delivered_at": None,
                 },
             },

@@ -258,3 +258,43 @@ def test_output_stages_run_after_the_labels_and_unknown_ones_fail(phantom, tmp_p
     assert failed.state == "failed"
     assert failed.error.code == "unknown_stage"
     assert failed.error.message.startswith("no output called 'nope'")
+
+
+def test_delivered_outputs_come_first_and_are_announced_as_soon_as_written(phantom, tmp_path, monkeypatch) -> None:
+    """The SEG is written right after the labels are final, before the standard files and the other
+    outputs (even those asked for before it), and announced (status ``output``) at once; the series is
+    read once (the SEG references the headers the load stage kept)."""
+    from node import pipeline
+    from node.dicom import series
+
+    monkeypatch.setitem(pipeline.OUTPUT_STAGES, "marker", "tests.unit.test_pipeline:write_marker_output")
+    reads = []
+    real_read = series.read_datasets
+    monkeypatch.setattr(series, "read_datasets", lambda *a, **k: reads.append(a[0]) or real_read(*a, **k))
+    out = tmp_path / "out"
+    log: list[tuple[str, str]] = []
+    seen: dict[str, list[str]] = {}
+
+    def progress(event: ProgressEvent) -> None:
+        if event.status != "progress":
+            log.append((event.stage, event.status))
+        if event.status == "output":
+            assert event.path is not None and event.path.is_file()
+            seen[event.message] = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+
+    result = run_pipeline(phantom["dicom"], out, request(outputs=("marker", "seg")), progress=progress)
+    assert result.ok, result.error
+    assert log == [
+        ("load", "started"), ("load", "done"), ("segment", "started"), ("segment", "done"),
+        ("seg", "started"), ("seg", "done"), ("seg", "output"),
+        ("write", "started"), ("write", "done"),
+        ("marker", "started"), ("marker", "done"), ("marker", "output"),
+    ]
+    assert seen == {  # what the output folder held when each output was announced
+        "seg": ["seg.dcm"],
+        "marker": ["classes.json", "labels.nii.gz", "marker.txt", "seg.dcm", "stats.csv"],
+    }
+    assert [s["name"] for s in result.report["stages"]] == ["load", "segment", "seg", "write", "marker"]
+    assert set(result.report["timings_s"]) == {"load", "segment", "seg", "write", "marker", "total"}
+    assert result.report["outputs"]["seg"] == "seg.dcm" and result.report["qc"]["seg"]["frames"] > 0
+    assert reads == [phantom["dicom"]]

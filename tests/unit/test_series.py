@@ -126,6 +126,50 @@ def test_rescale_slope_gives_float_hu(series_dir: Path) -> None:
     np.testing.assert_allclose(volume.array, raw * 0.5 - 1024)
 
 
+@pytest.mark.parametrize(
+    ("bits", "stored", "signed", "implicit"),
+    [(16, 12, 1, False), (16, 12, 0, False), (16, 16, 1, True), (8, 8, 0, False), (8, 6, 1, True), (32, 20, 1, False)],
+)
+def test_uncompressed_pixels_read_as_pydicom_decodes_them(bits, stored, signed, implicit, series_dir: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The direct read of uncompressed pixels gives pydicom's values, unused high bits included:
+    random bytes, so the bits above BitsStored hold garbage that must be shifted out (sign-extended)."""
+    rng = np.random.default_rng(bits + stored + signed)
+    expected = []
+    for n, file in enumerate(sorted(series_dir.iterdir())):
+        ds = pydicom.dcmread(file)
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, stored, stored - 1, signed
+        ds.RescaleIntercept, ds.RescaleSlope = "0", "1"
+        ds.PixelData = rng.integers(0, 256, ds.Rows * ds.Columns * bits // 8, dtype=np.uint8).tobytes()
+        if implicit:
+            ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+        ds["PixelData"].VR = "OB" if bits == 8 else "OW"
+        ds.save_as(file, enforce_file_format=True)
+        expected.append((float(ds.ImagePositionPatient[2]), pydicom.dcmread(file).pixel_array))
+
+    def not_pydicom(ds):
+        raise AssertionError("decoded by pydicom, not read directly")
+
+    monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array", property(not_pydicom))
+    volume = read_series(series_dir)
+    reference = np.stack([a for _, a in sorted(expected, key=lambda t: t[0])]).astype(np.int64)
+    assert volume.array.dtype == (np.int16 if bits < 32 else np.int32)
+    np.testing.assert_array_equal(volume.array, reference)
+
+
+def test_values_beyond_int16_give_int32(series_dir: Path) -> None:
+    """Slice by slice into int16, widened to int32 when a later slice holds a value beyond it."""
+    last = max(series_dir.iterdir())
+    edit(last, RescaleIntercept="40000")
+    volume = read_series(series_dir)
+    assert volume.array.dtype == np.int32
+    raw = ramp_volume().array.astype(np.int32) + 1024  # stored values written by the writer
+    expected = raw - 1024
+    k = 0 if volume.source.instance_uids[0] == pydicom.dcmread(last).SOPInstanceUID else len(raw) - 1
+    expected[k] = raw[k] + 40000
+    np.testing.assert_array_equal(volume.array, expected)
+
+
 def test_enhanced_multiframe_matches_single_frames() -> None:
     single = read_series(SHARED / "dcmqi/synthetic_23x38x3/image")
     multi = read_series(SHARED / "dcmqi/synthetic_23x38x3/multiframe")
