@@ -246,14 +246,12 @@ def send_command(
     from pynetdicom import _config as pynetdicom_config
     from pynetdicom.status import code_to_category
 
-    from node.ingest import reactor
     from node.ingest.send import send
 
     host, _, port = to.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise fail(f"--to must be HOST:PORT, got {to!r}", 2)
     pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True  # send each file's bytes as they are
-    reactor.install()  # no 1 ms polls per C-STORE
     try:
         with progress_bar(f"Sending to {to}") as update:
             report = send(path, host, int(port), called_aet=aet, calling_aet=calling_aet, progress=update)

@@ -37,14 +37,17 @@ class DicomSection(_Section):
     port: int = Field(default=11112, ge=1, le=65535)
     #: Empty list = any calling AE title is accepted.
     allowed_calling_aets: list[str] = []
+    #: Refuse associations whose called AE title is not ``ae_title`` (false: any called title, as before).
+    require_called_aet: bool = False
     #: Empty list = any source address is accepted.
     allowed_sources: list[str] = []
     max_associations: int = Field(default=10, ge=1)
     max_pdu: int = Field(default=0, ge=0)  # 0 = unlimited, fastest for large series
     tls_cert: Path | None = None
     tls_key: Path | None = None
-    #: Wake pynetdicom's association loops on work instead of 1 ms polls (~2x faster C-STORE).
-    event_driven_waits: bool = True
+    #: Seconds a connection may stay silent (waiting for its A-ASSOCIATE-RQ or its next PDU) before
+    #: it is aborted and closed (PS3.8 ARTIM).
+    network_timeout: float = Field(default=60.0, gt=0)
 
 
 class IngestSection(_Section):

@@ -11,6 +11,7 @@ what C-STORE status it earns (PS3.4 B.2.3) without decoding pixels:
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import re
@@ -64,6 +65,13 @@ def valid_uid(value: object) -> bool:
     return isinstance(value, str) and len(value) <= 64 and _UID.fullmatch(value) is not None
 
 
+@functools.lru_cache(maxsize=512)
+def uid_name(uid: str) -> str:
+    """The standard's name for a UID ("CT Image Storage"), or the UID itself (cached: a handful of SOP
+    classes arrive again and again)."""
+    return UID(uid).name
+
+
 #: Modalities that are never images to segment (PS3.3 C.7.3.1.1.1).
 NON_IMAGE_MODALITIES = frozenset(
     {"SEG", "SR", "RTSTRUCT", "RTPLAN", "RTRECORD", "RTDOSE", "PR", "KO", "REG", "FID", "DOC", "PLAN", "ECG",
@@ -108,13 +116,14 @@ class Encoded:
     """A checked instance ready to be written: our file meta, the dataset as received, its summary."""
 
     meta: bytes
-    body: bytes
+    #: The data set as received (a view of the caller's buffer when it was given one: not kept).
+    body: bytes | bytearray | memoryview
     info: InstanceInfo
 
     @property
     def data(self) -> bytes:
         """The whole Part 10 file (PS3.10 7.1)."""
-        return self.meta + self.body
+        return self.meta + bytes(self.body)
 
 
 # --- structure ----------------------------------------------------------------------------
@@ -122,8 +131,13 @@ class Encoded:
 _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}  # Pixel Data, Float and Double Float Pixel Data
-#: Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 Table 7.1-1).
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+#: Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 Table 7.1-1), as the two
+#: bytes read big-endian (compared as numbers: the buffer may be a writable memoryview).
+_LONG_VRS = frozenset(
+    int.from_bytes(vr, "big")
+    for vr in (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
+)
+_UN = int.from_bytes(b"UN", "big")
 #: The top-level tags read from each instance; values are taken raw (no pydicom decoding: speed).
 _WANTED = {
     0x00080016: "SOPClassUID",
@@ -152,7 +166,7 @@ class _Walker:
     """Skips over element headers to prove the encoding is whole (PS3.5 7.1, 7.5), keeping the raw
     values of the few top-level tags in ``_WANTED`` and the length of the pixel data."""
 
-    def __init__(self, buf: bytes, implicit: bool, little: bool) -> None:
+    def __init__(self, buf: bytes | bytearray | memoryview, implicit: bool, little: bool) -> None:
         self.buf, self.implicit, self.little = buf, implicit, little
         self.tag_length = struct.Struct("<HHI" if little else ">HHI")
         self.short = struct.Struct("<H" if little else ">H")
@@ -172,11 +186,11 @@ class _Walker:
                 if tag != until:
                     raise _Truncated(f"unexpected delimiter ({group:04X},{element:04X}) at byte {pos}")
                 return pos + 8
-            vr = b""
+            vr = 0
             if implicit or group == 0xFFFE:
                 pos += 8
             else:
-                vr = buf[pos + 4 : pos + 6]
+                vr = buf[pos + 4] << 8 | buf[pos + 5]
                 if vr in _LONG_VRS:
                     if pos + 12 > end:
                         raise _Truncated(f"element header cut short at byte {pos}")
@@ -189,13 +203,13 @@ class _Walker:
                 if top and tag in _PIXEL_TAGS:
                     self.pixel_length = length
                 # A sequence or encapsulated pixel data; UN of undefined length is implicit VR (PS3.5 6.2.2).
-                pos = self.items(pos, end, implicit or vr == b"UN")
+                pos = self.items(pos, end, implicit or vr == _UN)
                 continue
             if pos + length > end:
                 raise _Truncated(f"({group:04X},{element:04X}) needs {length} bytes, the data ends first")
             if top:
                 if tag in _WANTED:
-                    self.values[_WANTED[tag]] = buf[pos : pos + length]
+                    self.values[_WANTED[tag]] = bytes(buf[pos : pos + length])
                 elif tag in _PIXEL_TAGS:
                     self.pixel_length = length
             pos += length
@@ -265,7 +279,7 @@ def split_part10(data: bytes | memoryview) -> tuple[str, bytes]:
     fp.seek(132)
     try:
         meta = pydicom.filereader._read_file_meta_info(fp)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 (pydicom raises many kinds for a bad file meta)
         raise Refused(Status.CANNOT_UNDERSTAND, f"file meta information cannot be read: {exc}") from None
     syntax = str(meta.get("TransferSyntaxUID", "")).strip("\0 ")
     if not valid_uid(syntax):
@@ -307,7 +321,7 @@ def file_meta(sop_class: str, sop_instance: str, syntax: str, source_aet: str = 
 
 
 def encode_instance(
-    dataset: bytes | memoryview,
+    dataset: bytes | bytearray | memoryview,
     transfer_syntax: str | None = None,
     *,
     sop_class_uid: str | None = None,
@@ -322,10 +336,10 @@ def encode_instance(
     """
     if transfer_syntax is None:
         transfer_syntax, dataset = split_part10(dataset)
-    syntax = UID(transfer_syntax)
-    if not valid_uid(str(syntax)):
-        raise Refused(Status.CANNOT_UNDERSTAND, f"transfer syntax {str(syntax)[:64]!r} is not a UID")
-    body = dataset if isinstance(dataset, bytes) else bytes(dataset)
+    syntax = str(transfer_syntax)  # plain str: pydicom's UID() validates with a regex each time
+    if not valid_uid(syntax):
+        raise Refused(Status.CANNOT_UNDERSTAND, f"transfer syntax {syntax[:64]!r} is not a UID")
+    body = dataset  # no copy: walked and written as it is
     plain = _inflate(body) if syntax == DeflatedExplicitVRLittleEndian else body
     walker = _Walker(plain, implicit=syntax == ImplicitVRLittleEndian, little=syntax != ExplicitVRBigEndian)
     try:
@@ -348,8 +362,8 @@ def encode_instance(
             message = f"dataset {keyword} {found} is not the announced {announced}"
             raise Refused(Status.DOES_NOT_MATCH, message)
     has_pixels = walker.pixel_length is not None
-    if not has_pixels and "Image Storage" in UID(sop_class).name:
-        raise Refused(Status.DOES_NOT_MATCH, f"{UID(sop_class).name} instance has no pixel data")
+    if not has_pixels and "Image Storage" in uid_name(sop_class):
+        raise Refused(Status.DOES_NOT_MATCH, f"{uid_name(sop_class)} instance has no pixel data")
     frames = walker.integer("NumberOfFrames") or 1
     sizes = [walker.integer(k) for k in ("BitsAllocated", "Rows", "Columns")]
     if walker.pixel_length not in (None, _UNDEFINED) and all(sizes):
@@ -366,7 +380,7 @@ def encode_instance(
         series_uid=uids["SeriesInstanceUID"],
         sop_instance_uid=sop_instance,
         sop_class_uid=sop_class,
-        transfer_syntax=str(syntax),
+        transfer_syntax=syntax,
         modality=modality,
         instance_number=walker.integer("InstanceNumber"),
         acquisition_number=walker.integer("AcquisitionNumber"),
@@ -376,4 +390,4 @@ def encode_instance(
         number_of_frames=frames,
         is_image=is_image(sop_class, modality, has_pixels),
     )
-    return Encoded(file_meta(sop_class, sop_instance, str(syntax), source_aet), body, info)
+    return Encoded(file_meta(sop_class, sop_instance, syntax, source_aet), body, info)

@@ -27,9 +27,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from node.config import Settings
-from node.ingest import SeriesReady, Sender
+from node.ingest import Sender, SeriesReady
 from node.ingest.completion import CompletionTracker, Handoff
-from node.ingest.spool import Spool, StoreResult, purge_older_than
+from node.ingest.spool import Spool, StoreResult, TempFile, purge_older_than
 
 log = logging.getLogger(__name__)
 
@@ -131,15 +131,21 @@ class Receiver:
 
     def store(
         self,
-        dataset: bytes | memoryview,
+        dataset: bytes | bytearray | memoryview,
         sender: Sender,
         *,
         session: str,
         transfer_syntax: str | None = None,
         sop_class_uid: str | None = None,
         sop_instance_uid: str | None = None,
+        reserved: TempFile | None = None,
+        on_durable: Callable[[StoreResult], None] | None = None,
     ) -> StoreResult:
-        """Store one instance (see :meth:`Spool.store`) and tell completion about it."""
+        """Store one instance (see :meth:`Spool.store`) and tell completion about it.
+
+        ``dataset`` is only read during the call (the listener reuses its buffer for the next one).
+        ``reserved`` and ``on_durable`` are the SCP's hooks described at :meth:`Spool.store`.
+        """
         result = self.spool.store(
             dataset,
             sender,
@@ -147,6 +153,8 @@ class Receiver:
             sop_class_uid=sop_class_uid,
             sop_instance_uid=sop_instance_uid,
             session=session,
+            reserved=reserved,
+            on_durable=on_durable,
         )
         if result.ok and result.info is not None:
             now = self.clock()
@@ -156,6 +164,10 @@ class Receiver:
                 result.info, session=session, sender=sender, now=now, duplicate=result.duplicate
             )
         return result
+
+    def reserve(self, study_uid: str, series_uid: str) -> TempFile | None:
+        """A temporary file made ahead of time for the next instance of a series (:meth:`Spool.reserve`)."""
+        return self.spool.reserve(study_uid, series_uid)
 
     def _load(self, series_uid: str, now: float) -> None:
         """Bring a series the tracker does not hold (new, restarted, forgotten) in from the index."""

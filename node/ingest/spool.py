@@ -9,6 +9,11 @@ line with the files at every start.
 
 Every receiver calls :meth:`Spool.store` (through :class:`node.ingest.receiver.Receiver`, which
 adds series completion): the C-STORE SCP, the STOW-RS route, a file import.
+
+Two hooks let the C-STORE SCP keep work off the time a sender waits for its status, without moving
+the acknowledgement before the fsyncs: :meth:`Spool.reserve` makes the next temporary file while the
+association waits for the next instance, and ``on_durable`` answers as soon as the file and its
+folder are fsynced, before the index is updated.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import shutil
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,12 +120,39 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
     return None if text is None else tuple(float(v) for v in text.split("\\"))
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class TempFile:
+    """A new, empty temporary file in a series folder, both open by descriptor: the file is written,
+    fsynced, renamed and the folder fsynced through these, so all act on the same folder."""
+
+    def __init__(self, study_uid: str, series_uid: str, dir_fd: int, fd: int, name: str) -> None:
+        self.series = (study_uid, series_uid)
+        self.dir_fd, self.fd, self.name = dir_fd, fd, name
+
+    def take(self) -> tuple[int, int, str]:
+        """Hand the descriptors over to the caller, who closes them."""
+        taken = (self.dir_fd, self.fd, self.name)
+        self.dir_fd = self.fd = -1
+        return taken
+
+    def discard(self) -> None:
+        """Close and delete the file (not used after all); nothing when it was taken."""
+        if self.fd < 0:
+            return
+        dir_fd, fd, name = self.take()
+        os.close(fd)
+        try:
+            os.unlink(name, dir_fd=dir_fd)
+        except OSError:
+            pass
+        os.close(dir_fd)
 
 
 class Spool:
@@ -131,7 +164,9 @@ class Spool:
         self.fsync = fsync
         self.min_free_bytes = min_free_mb * 1024 * 1024
         self._lock = threading.Lock()
-        self._dirs: set[Path] = set()
+        self._root = str(self.root)
+        #: Series folders known to exist (paths as strings: no pathlib on the per-instance path).
+        self._dirs: set[str] = set()
         self._free, self._checked, self._written = 0, -1e9, 0
         self._db = self._open_index()
 
@@ -167,13 +202,15 @@ class Spool:
 
     def store(
         self,
-        dataset: bytes | memoryview,
+        dataset: bytes | bytearray | memoryview,
         sender: Sender,
         *,
         transfer_syntax: str | None = None,
         sop_class_uid: str | None = None,
         sop_instance_uid: str | None = None,
         session: str = "",
+        reserved: TempFile | None = None,
+        on_durable: Callable[[StoreResult], None] | None = None,
     ) -> StoreResult:
         """Check one instance and write it durably; never raises for bad input or a full disk.
 
@@ -181,6 +218,10 @@ class Spool:
         a bare dataset as C-STORE carries it (give its ``transfer_syntax``). ``sop_class_uid`` and
         ``sop_instance_uid`` are what a C-STORE request announced. ``session`` names the association
         or request that brought it (for completion and the index).
+
+        ``reserved`` (from :meth:`reserve`) is used when it lies in the instance's series folder and
+        deleted otherwise. ``on_durable(result)`` is called once the file and its folder are fsynced,
+        before the index is updated (``result.duplicate`` is not known yet); it must not raise.
         """
         try:
             encoded = encode_instance(
@@ -191,9 +232,11 @@ class Spool:
                 source_aet=sender.calling_aet,
             )
         except Refused as exc:
+            if reserved is not None:
+                reserved.discard()
             return StoreResult(int(exc.status), exc.message)
         try:
-            return self._write(encoded, sender, session)
+            return self._write(encoded, sender, session, reserved, on_durable)
         except OSError as exc:
             log.error("spool write failed for series %s: %s", encoded.info.series_uid, exc)
             return StoreResult(int(Status.OUT_OF_RESOURCES), f"spool cannot be written: {exc}", encoded.info)
@@ -201,16 +244,54 @@ class Spool:
             log.error("spool index write failed for series %s: %s", encoded.info.series_uid, exc)
             reason = f"spool index cannot be written: {exc}"
             return StoreResult(int(Status.OUT_OF_RESOURCES), reason, encoded.info)
+        finally:
+            if reserved is not None:
+                reserved.discard()  # nothing to do when _write took it
 
-    def _ensure_dir(self, folder: Path) -> None:
+    def reserve(self, study_uid: str, series_uid: str) -> TempFile | None:
+        """A temporary file made ahead of time in a series folder, for the next :meth:`store` there
+        (the SCP makes it while it waits for the next instance: creating a file costs ~0.1 ms).
+        None when the UIDs are not valid or the folder cannot be made."""
+        if not (valid_uid(study_uid) and valid_uid(series_uid)):
+            return None
+        try:
+            return self._create_temp(study_uid, series_uid, "next")
+        except OSError:
+            return None
+
+    def _ensure_dir(self, folder: str) -> None:
         if folder in self._dirs:
             return
-        created = [p for p in (folder.parent, folder) if not p.is_dir()]
-        folder.mkdir(parents=True, exist_ok=True)
+        parent = os.path.dirname(folder)
+        created = [p for p in (parent, folder) if not os.path.isdir(p)]
+        os.makedirs(folder, exist_ok=True)
         if self.fsync:
             for new in created:  # make the new folder entries themselves durable
-                _fsync_dir(new.parent)
+                _fsync_dir(os.path.dirname(new))
         self._dirs.add(folder)
+
+    def _create_temp(self, study_uid: str, series_uid: str, stem: str) -> TempFile:
+        """A new temporary file in the series folder (UIDs already validated), made if missing."""
+        folder = f"{self._root}/{study_uid}/{series_uid}"
+        name = f".{stem}.{os.getpid()}.{next(_counter)}{_TEMP_SUFFIX}"
+        for attempt in range(2):
+            self._ensure_dir(folder)
+            dir_fd = -1
+            try:
+                dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640, dir_fd=dir_fd)
+                return TempFile(study_uid, series_uid, dir_fd, fd, name)
+            except FileNotFoundError:
+                if dir_fd >= 0:
+                    os.close(dir_fd)
+                if attempt:
+                    raise
+                self._dirs.discard(folder)  # removed (retention) since it was made: make it again
+            except BaseException:
+                if dir_fd >= 0:
+                    os.close(dir_fd)
+                raise
+        raise AssertionError("unreachable")
 
     def _space_left(self, size: int) -> bool:
         """False when the disk would keep less than ``min_free_mb``; asks the OS at most once a second
@@ -224,36 +305,54 @@ class Spool:
                 self._free, self._checked, self._written = shutil.disk_usage(self.root).free, now, size
             return self._free - self._written >= self.min_free_bytes
 
-    def _write(self, encoded: Encoded, sender: Sender, session: str) -> StoreResult:
+    def _write(
+        self,
+        encoded: Encoded,
+        sender: Sender,
+        session: str,
+        reserved: TempFile | None,
+        on_durable: Callable[[StoreResult], None] | None,
+    ) -> StoreResult:
         info = encoded.info
-        if not self._space_left(len(encoded.meta) + len(encoded.body)):
+        size = len(encoded.meta) + len(encoded.body)
+        if reserved is not None and (
+            reserved.series != (info.study_uid, info.series_uid) or os.fstat(reserved.dir_fd).st_nlink == 0
+        ):  # another series, or its folder was removed (retention) meanwhile
+            reserved.discard()
+            reserved = None
+        if not self._space_left(size):
+            if reserved is not None:
+                reserved.discard()
             reason = f"less than {self.min_free_bytes >> 20} MB free in the spool"
             return StoreResult(int(Status.OUT_OF_RESOURCES), reason, info)
-        folder = self.series_folder(info.study_uid, info.series_uid)
-        self._ensure_dir(folder)
-        final = folder / f"{info.sop_instance_uid}.dcm"
-        temp = folder / f".{info.sop_instance_uid}.{os.getpid()}.{next(_counter)}{_TEMP_SUFFIX}"
+        if reserved is None:
+            reserved = self._create_temp(info.study_uid, info.series_uid, info.sop_instance_uid)
+        dir_fd, fd, temp = reserved.take()
+        name = f"{info.sop_instance_uid}.dcm"
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        except FileNotFoundError:  # the folder was removed (retention) since it was cached
-            self._dirs.discard(folder)
-            self._ensure_dir(folder)
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        try:
-            size = os.writev(fd, [encoded.meta, encoded.body])
-            if size != len(encoded.meta) + len(encoded.body):
-                raise OSError(f"short write ({size} bytes)")
+            try:
+                written = os.writev(fd, [encoded.meta, encoded.body])
+                if written != size:
+                    raise OSError(f"short write ({written} bytes)")
+                if self.fsync:
+                    os.fsync(fd)
+            except BaseException:
+                os.unlink(temp, dir_fd=dir_fd)
+                raise
+            finally:
+                os.close(fd)
+            os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             if self.fsync:
-                os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            temp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        os.replace(temp, final)
-        if self.fsync:
-            _fsync_dir(folder)
-        relative = str(final.relative_to(self.root))
+                os.fsync(dir_fd)  # the rename itself is durable: only now may the sender hear success
+        finally:
+            os.close(dir_fd)
+        relative = f"{info.study_uid}/{info.series_uid}/{name}"
+        path = Path(self._root, relative)
+        if on_durable is not None:
+            try:
+                on_durable(StoreResult(int(Status.SUCCESS), "", info, path))
+            except Exception:
+                log.exception("on_durable failed for series %s", info.series_uid)
         row = (
             info.sop_instance_uid, info.study_uid, info.series_uid, info.sop_class_uid, info.modality,
             info.transfer_syntax, info.instance_number, info.acquisition_number, _text(info.position),
@@ -267,30 +366,33 @@ class Spool:
             self._db.execute(_UPSERT, row)
         if old and old[0] != relative:
             # The same instance now claims another study/series: keep only the newest copy.
-            (self.root / old[0]).unlink(missing_ok=True)
-        return StoreResult(int(Status.SUCCESS), "", info, final, duplicate=old is not None)
+            try:
+                os.unlink(f"{self._root}/{old[0]}")
+            except FileNotFoundError:
+                pass
+        return StoreResult(int(Status.SUCCESS), "", info, path, duplicate=old is not None)
 
     # --- reading ---------------------------------------------------------------------------
 
     def _rows(self, where: str, args: tuple) -> list[SpooledInstance]:
         with self._lock:
             rows = self._db.execute(f"SELECT {_COLUMNS} FROM instances WHERE {where}", args).fetchall()
-        return [
-            SpooledInstance(
-                info=InstanceInfo(
-                    sop_instance_uid=r[0], study_uid=r[1], series_uid=r[2], sop_class_uid=r[3], modality=r[4],
-                    transfer_syntax=r[5], instance_number=r[6], acquisition_number=r[7],
-                    position=_floats(r[8]), orientation=_floats(r[9]),  # type: ignore[arg-type]
-                    images_in_acquisition=r[10], number_of_frames=r[11], is_image=bool(r[12]),
-                ),
-                path=self.root / r[13],
-                sender=Sender(r[15], r[16], r[17]),  # type: ignore[arg-type]
-                session=r[18],
-                received=r[19],
-                generation=r[20],
-            )  # fmt: skip
-            for r in rows
-        ]
+        return [self._row(r) for r in rows]
+
+    def _row(self, r: tuple) -> SpooledInstance:
+        return SpooledInstance(
+            info=InstanceInfo(
+                sop_instance_uid=r[0], study_uid=r[1], series_uid=r[2], sop_class_uid=r[3], modality=r[4],
+                transfer_syntax=r[5], instance_number=r[6], acquisition_number=r[7],
+                position=_floats(r[8]), orientation=_floats(r[9]),  # type: ignore[arg-type]
+                images_in_acquisition=r[10], number_of_frames=r[11], is_image=bool(r[12]),
+            ),
+            path=self.root / r[13],
+            sender=Sender(r[15], r[16], r[17]),  # type: ignore[arg-type]
+            session=r[18],
+            received=r[19],
+            generation=r[20],
+        )  # fmt: skip
 
     def instances(self, series_uid: str) -> list[SpooledInstance]:
         """The indexed instances of one series, in arrival order."""
@@ -378,7 +480,7 @@ class Spool:
         folder = self.series_folder(instances[0].info.study_uid, series_uid)
         count = sum(1 for _ in folder.glob("*.dcm")) if folder.is_dir() else 0
         shutil.rmtree(folder, ignore_errors=True)
-        self._dirs.discard(folder)
+        self._dirs.discard(str(folder))
         try:
             folder.parent.rmdir()  # the study folder, once its last series is gone
         except OSError:

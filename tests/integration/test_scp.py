@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import select
 import signal
+import socket
 import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -13,13 +15,29 @@ import time
 import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
-from pynetdicom import AE, _config as pynetdicom_config, evt
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage
+from pynetdicom import AE, evt
+from pynetdicom import _config as pynetdicom_config
+from pynetdicom.dimse_messages import C_ECHO_RQ as DimseEchoRequest
+from pynetdicom.dimse_messages import C_FIND_RQ as DimseFindRequest
+from pynetdicom.dimse_messages import C_STORE_RQ as DimseStoreRequest
+from pynetdicom.dimse_messages import DIMSEMessage
+from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_STORE
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ, P_DATA_TF
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    ImplementationClassUIDNotification,
+    MaximumLengthNotification,
+)
+from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
 from typer.testing import CliRunner
 
 from node.cli import app
@@ -28,7 +46,8 @@ from node.dicom.series import read_series
 from node.dicom.writer import SeriesInfo, series_datasets, write_series
 from node.ingest import SeriesReady
 from node.ingest.instance import encode_instance, file_meta
-from node.ingest.scp import Listener, handle_open, start_listener
+from node.ingest.scp import Listener, start_listener
+from node.ingest.send import handle_open
 from node.ingest.spool import Spool
 from tests.servers import HOST, ServerError, echoscu, free_port, port_is_open, require_program, storescu
 from tests.unit.test_series import ramp_volume
@@ -87,11 +106,11 @@ def listen(tmp_path: Path) -> Iterator[Callable[..., tuple[Listener, Events]]]:
         listener.receiver.close()
 
 
-def scu(port: int, calling_aet: str = "TESTSCU", contexts=(CTImageStorage,), **kwargs):
+def scu(port: int, calling_aet: str = "TESTSCU", contexts=(CTImageStorage,), called_aet: str = "SEGNODE", **kwargs):
     ae = AE(ae_title=calling_aet)
     for context in contexts:
         ae.add_requested_context(context, ExplicitVRLittleEndian)
-    return ae.associate(HOST, port, ae_title="SEGNODE", evt_handlers=[(evt.EVT_CONN_OPEN, handle_open)], **kwargs)
+    return ae.associate(HOST, port, ae_title=called_aet, evt_handlers=[(evt.EVT_CONN_OPEN, handle_open)], **kwargs)
 
 
 def spool_files(root: Path) -> list[Path]:
@@ -112,7 +131,7 @@ def test_storescu_series_is_spooled_valid_and_ready_at_release(listen, tmp_path:
     assert (ready.sender.via, ready.sender.calling_aet, ready.sender.address) == ("dimse", "SEGNODE-TEST", HOST)
     stored = sorted(ready.folder.glob("*.dcm"))
     assert [p.name for p in stored] == sorted(f"{pydicom.dcmread(p).SOPInstanceUID}.dcm" for p in sent)
-    check = subprocess.run([require_program("dcmftest"), *map(str, stored)], capture_output=True, text=True)
+    check = subprocess.run([require_program("dcmftest"), *map(str, stored)], capture_output=True, text=True, check=False)
     assert [line.split(":")[0] for line in check.stdout.splitlines()] == ["yes"] * 12
     got = read_series(ready.folder)
     np.testing.assert_array_equal(got.array, volume.array)
@@ -160,7 +179,7 @@ def test_a_bad_instance_gets_its_status_and_the_association_goes_on(listen, tmp_
     other.SOPClassUID = MRImageStorage  # the file meta (so the request) still says CT
     meta = file_meta(CTImageStorage, other.SOPInstanceUID, ExplicitVRLittleEndian)
     (tmp_path / "mismatch.dcm").write_bytes(meta + bare(other))
-    listener, events = listen()
+    listener, _ = listen()
     assoc = scu(listener.port)
     assert assoc.is_established
     statuses = []
@@ -336,3 +355,236 @@ def test_sigkill_during_ingest_loses_no_acknowledged_instance(tmp_path: Path) ->
         assert encode_instance(rows[uid].path.read_bytes()).info.sop_instance_uid == uid
     assert list(data.rglob("*.tmp")) == []
     spool.close()
+
+
+# --- the Upper Layer itself, with a raw peer ------------------------------------------------------
+
+
+class RawPeer:
+    """A DICOM peer over a plain socket, built from pynetdicom's PDU and DIMSE classes (not ours):
+    it sends exactly what a test asks, malformed or not, and reads back whole PDUs."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection((HOST, port), timeout=20)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def pdu(self) -> tuple[int, bytes]:
+        """(type, whole PDU); (0, b"") when the connection was closed."""
+        header = self._exactly(6)
+        if not header:
+            return 0, b""
+        pdu_type, length = struct.unpack(">BxI", header)
+        return pdu_type, header + self._exactly(length)
+
+    def _exactly(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                return data
+            data += chunk
+        return data
+
+    def associate(self, contexts, *, max_pdu: int = 16384, called: str = "SEGNODE") -> A_ASSOCIATE:
+        """Propose ``contexts`` [(abstract syntax, [transfer syntaxes])] as IDs 1, 3, 5...; the answer."""
+        rq = A_ASSOCIATE()
+        rq.application_context_name = "1.2.840.10008.3.1.1.1"
+        rq.calling_ae_title, rq.called_ae_title = "RAWPEER", called
+        proposed = []
+        for n, (abstract, syntaxes) in enumerate(contexts):
+            context = build_context(abstract, syntaxes)
+            context.context_id = 2 * n + 1
+            proposed.append(context)
+        rq.presentation_context_definition_list = proposed
+        length = MaximumLengthNotification()
+        length.maximum_length_received = max_pdu
+        uid = ImplementationClassUIDNotification()
+        uid.implementation_class_uid = "1.2.826.0.1.3680043.8.498.1"
+        rq.user_information = [length, uid]
+        self.sock.sendall(A_ASSOCIATE_RQ(rq).encode())
+        pdu_type, raw = self.pdu()
+        answer = {0x02: A_ASSOCIATE_AC, 0x03: A_ASSOCIATE_RJ}[pdu_type]()
+        answer.decode(raw)
+        return answer.to_primitive()
+
+    def send(self, message, context_id: int, max_pdu: int = 16384) -> None:
+        for primitive in message.encode_msg(context_id, max_pdu):
+            self.sock.sendall(P_DATA_TF(primitive).encode())
+
+    def message(self, *, pdu_lengths: list[int] | None = None) -> DIMSEMessage:
+        """The next DIMSE message, from as many P-DATA-TF PDUs as it takes."""
+        message = DIMSEMessage()
+        while True:
+            pdu_type, raw = self.pdu()
+            assert pdu_type == 0x04, f"PDU type 0x{pdu_type:02X} where P-DATA-TF was expected: {raw!r}"
+            if pdu_lengths is not None:
+                pdu_lengths.append(len(raw) - 6)
+            pdu = P_DATA_TF()
+            pdu.decode(raw)
+            if message.decode_msg(pdu.to_primitive()):
+                return message
+
+    def release(self) -> int:
+        self.sock.sendall(b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00")
+        return self.pdu()[0]
+
+
+def store_message(ds, message_id: int = 1) -> DimseStoreRequest:
+    primitive = C_STORE()
+    primitive.MessageID = message_id
+    primitive.AffectedSOPClassUID = ds.SOPClassUID
+    primitive.AffectedSOPInstanceUID = ds.SOPInstanceUID
+    primitive.Priority = 0x0002
+    primitive.DataSet = BytesIO(bare(ds))
+    message = DimseStoreRequest()
+    message.primitive_to_message(primitive)
+    return message
+
+
+def test_a_context_for_an_unsupported_abstract_syntax_is_rejected(listen) -> None:
+    listener, _ = listen()
+    peer = RawPeer(listener.port)
+    ac = peer.associate([(StudyRootQueryRetrieveInformationModelFind, [ImplicitVRLittleEndian]),
+                         (CTImageStorage, ["1.2.3.999"]), (CTImageStorage, [ExplicitVRLittleEndian])])  # fmt: skip
+    assert ac.result == 0x00
+    results = [(cx.context_id, cx.result) for cx in ac.presentation_context_definition_results_list]
+    # abstract syntax not supported, transfer syntax not supported, acceptance (PS3.8 Table 9-18)
+    assert results == [(1, 0x03), (3, 0x04), (5, 0x00)]
+    assert peer.release() == 0x06
+    peer.close()
+
+
+def test_a_c_find_gets_a_failure_status_and_the_association_goes_on(listen) -> None:
+    listener, _ = listen()
+    first, second = series_datasets(ramp_volume(shape=(2, 8, 8)), SeriesInfo(uid_seed="find"))
+    peer = RawPeer(listener.port)
+    ac = peer.associate([(CTImageStorage, [ExplicitVRLittleEndian]), (Verification, [ImplicitVRLittleEndian])])
+    assert [cx.result for cx in ac.presentation_context_definition_results_list] == [0, 0]
+    peer.send(store_message(first, message_id=1), 1)
+    assert peer.message().command_set.Status == 0x0000
+    find = C_FIND()
+    find.MessageID, find.AffectedSOPClassUID, find.Priority = 2, StudyRootQueryRetrieveInformationModelFind, 0
+    query = Dataset()
+    query.QueryRetrieveLevel, query.PatientID = "STUDY", ""
+    find.Identifier = BytesIO(bare(query, ImplicitVRLittleEndian))
+    find_message = DimseFindRequest()
+    find_message.primitive_to_message(find)
+    peer.send(find_message, 1)
+    rsp = peer.message().command_set
+    assert (rsp.CommandField, rsp.MessageIDBeingRespondedTo, rsp.Status, rsp.CommandDataSetType) == (
+        0x8020, 2, 0x0211, 0x0101)  # fmt: skip
+    assert rsp.AffectedSOPClassUID == StudyRootQueryRetrieveInformationModelFind
+    echo = C_ECHO()
+    echo.MessageID, echo.AffectedSOPClassUID = 3, Verification
+    echo_message = DimseEchoRequest()
+    echo_message.primitive_to_message(echo)
+    peer.send(echo_message, 3)
+    rsp = peer.message().command_set
+    assert (rsp.CommandField, rsp.MessageIDBeingRespondedTo, rsp.Status) == (0x8030, 3, 0x0000)
+    peer.send(echo_message, 1)  # C-ECHO in the CT Image Storage context: not that context's SOP class
+    assert peer.message().command_set.Status == 0x0122
+    peer.send(store_message(second, message_id=4), 1)
+    rsp = peer.message().command_set
+    assert (rsp.CommandField, rsp.MessageIDBeingRespondedTo, rsp.Status) == (0x8001, 4, 0x0000)
+    assert rsp.AffectedSOPInstanceUID == second.SOPInstanceUID
+    assert peer.release() == 0x06
+    peer.close()
+    assert sorted(p.name for p in spool_files(listener.receiver.spool.root)) == sorted(
+        f"{ds.SOPInstanceUID}.dcm" for ds in (first, second))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("after_association", "garbage", "reason"),
+    [
+        (False, b"\x09\x00\x00\x00\x00\x02\x00\x00", 0x01),  # unrecognized PDU type
+        (False, b"\x04\x00\x00\x00\x00\x02\x00\x00", 0x02),  # P-DATA-TF before any association
+        (True, b"\x04\x00\x00\x00\x00\x07\x00\x00\x00\x09\x01\x03\x00", 0x06),  # PDV longer than its PDU
+        (True, b"\x04\x00\x00\x00\x00\x08\x00\x00\x00\x04\x07\x03\x00\x00", 0x06),  # context 7 not accepted
+        (True, b"\x01\x00\x00\x00\x00\x04\x00\x01\x00\x00", 0x02),  # a second A-ASSOCIATE-RQ
+    ],
+)
+def test_a_malformed_pdu_is_aborted_and_others_go_on(listen, after_association: bool, garbage: bytes,
+                                                     reason: int) -> None:  # fmt: skip
+    listener, events = listen()
+    series = series_datasets(ramp_volume(shape=(3, 8, 8)), SeriesInfo(uid_seed=f"abort{reason}{after_association}"))
+    good = scu(listener.port)
+    assert good.is_established and good.send_c_store(series[0]).Status == 0x0000
+    peer = RawPeer(listener.port)
+    if after_association:
+        assert peer.associate([(CTImageStorage, [ExplicitVRLittleEndian])]).result == 0x00
+    peer.sock.sendall(garbage)
+    pdu_type, raw = peer.pdu()
+    assert (pdu_type, raw) == (0x07, b"\x07\x00\x00\x00\x00\x04\x00\x00\x02" + bytes([reason]))
+    assert peer.pdu() == (0, b"")  # and the connection is closed
+    peer.close()
+    assert [good.send_c_store(ds).Status for ds in series[1:]] == [0x0000, 0x0000]
+    good.release()
+    assert [r.instance_count for r in events.wait(1)] == [3]
+    echoscu(HOST, listener.port, "SEGNODE")
+
+
+def test_responses_fit_the_peers_maximum_pdu(listen) -> None:
+    listener, _ = listen()
+    ds = series_datasets(ramp_volume(shape=(1, 512, 512)), SeriesInfo(uid_seed="maxpdu"))[0]
+    assoc = scu(listener.port, max_pdu=16384)  # pynetdicom fragments its data set to what we allow
+    assert assoc.is_established and assoc.send_c_store(ds).Status == 0x0000
+    assoc.release()
+    peer = RawPeer(listener.port)
+    assert peer.associate([(CTImageStorage, [ExplicitVRLittleEndian])], max_pdu=64).result == 0x00
+    peer.send(store_message(ds, message_id=9), 1, max_pdu=16384)
+    lengths: list[int] = []
+    rsp = peer.message(pdu_lengths=lengths).command_set
+    assert (rsp.CommandField, rsp.MessageIDBeingRespondedTo, rsp.Status) == (0x8001, 9, 0x0000)
+    assert rsp.AffectedSOPInstanceUID == ds.SOPInstanceUID
+    assert len(lengths) > 1 and max(lengths) <= 64  # a ~150-byte response in PDUs of at most 64
+    assert peer.release() == 0x06
+    peer.close()
+    stored = pydicom.dcmread(listener.receiver.spool.instance(ds.SOPInstanceUID).path)
+    assert stored.PixelData == ds.PixelData
+
+
+def test_max_associations(listen) -> None:
+    listener, _ = listen(max_associations=2)
+    first, second = scu(listener.port), scu(listener.port)
+    assert first.is_established and second.is_established
+    third = scu(listener.port)
+    assert third.is_rejected
+    rj = third.acceptor.primitive
+    assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x02)  # transient, local limit
+    first.release()
+    wait_until(lambda: listener._counted == 1)
+    fourth = scu(listener.port)
+    assert fourth.is_established
+    second.release()
+    fourth.release()
+
+
+def test_called_ae_title(listen) -> None:
+    listener, _ = listen()
+    anyone = scu(listener.port, called_aet="ANY-SCP")  # any called AE title unless required
+    assert anyone.is_established
+    anyone.release()
+    strict, _ = listen(require_called_aet=True)
+    wrong = scu(strict.port, called_aet="ANY-SCP")
+    assert wrong.is_rejected
+    rj = wrong.acceptor.primitive
+    assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x07)  # called AE not recognized
+    with pytest.raises(ServerError, match="Association Rejected"):
+        echoscu(HOST, strict.port, "OTHER")
+    echoscu(HOST, strict.port, "SEGNODE")
+
+
+def test_silent_connections_are_closed(listen) -> None:
+    listener, _ = listen(network_timeout=0.5)
+    silent = RawPeer(listener.port)  # no A-ASSOCIATE-RQ: closed (ARTIM)
+    assert silent.pdu() == (0, b"")
+    idle = RawPeer(listener.port)  # an association that goes quiet: A-ABORT, then closed
+    assert idle.associate([(CTImageStorage, [ExplicitVRLittleEndian])]).result == 0x00
+    assert idle.pdu() == (0x07, b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x00")
+    assert idle.pdu() == (0, b"")
+    silent.close()
+    idle.close()
+    echoscu(HOST, listener.port, "SEGNODE")  # and the listener serves on

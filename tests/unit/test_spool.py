@@ -14,7 +14,12 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    RLELossless,
+)
 
 from node.dicom.series import read_series
 from node.dicom.writer import SeriesInfo, series_datasets
@@ -369,6 +374,64 @@ def test_remove_series_then_store_again(spool: Spool) -> None:
     assert spool_files(spool) == []
     assert spool.store(part10(ds), SENDER, session="b").ok  # the cached folder is made again
     assert len(spool_files(spool)) == 1
+
+
+# --- the C-STORE SCP's hooks: a file made ahead, the answer before the index ---------------------
+
+
+def test_a_reserved_file_is_used_in_its_series_and_deleted_elsewhere(spool: Spool) -> None:
+    first, second = datasets(2)
+    other = datasets(1, seed="other")[0]
+    study, series = first.StudyInstanceUID, first.SeriesInstanceUID
+    reserved = spool.reserve(study, series)
+    assert [p.name for p in spool_files(spool)] == [reserved.name]  # an empty temporary file
+    kwargs = {"transfer_syntax": ExplicitVRLittleEndian, "session": "s"}
+    stored = spool.store(memoryview(bytearray(bare(first))), SENDER, reserved=spool.reserve(study, series), **kwargs)
+    assert stored.ok
+    assert spool_files(spool) == sorted([stored.path, spool.root / study / series / reserved.name])
+    elsewhere = spool.store(bare(other), SENDER, reserved=reserved, **kwargs)  # another series: deleted
+    assert elsewhere.ok and spool_files(spool) == sorted([stored.path, elsewhere.path])
+    refused = spool.store(bare(first)[:-100], SENDER, reserved=spool.reserve(study, series), **kwargs)
+    assert refused.status == Status.CANNOT_UNDERSTAND
+    assert spool_files(spool) == sorted([stored.path, elsewhere.path])
+    reserved = spool.reserve(study, series)
+    assert spool.remove_series(series) == 1  # retention removes the folder under the reserved file
+    again = spool.store(bare(second), SENDER, reserved=reserved, **kwargs)
+    assert again.ok and spool_files(spool) == sorted([elsewhere.path, again.path])
+    assert pydicom.dcmread(again.path).PixelData == second.PixelData
+    assert spool.reserve("../../etc", series) is None
+
+
+def test_the_buffer_is_not_kept(spool: Spool) -> None:
+    ds = datasets(1)[0]
+    buffer = bytearray(bare(ds))
+    result = spool.store(memoryview(buffer), SENDER, transfer_syntax=ExplicitVRLittleEndian, session="s")
+    buffer[:] = bytes(len(buffer))  # the listener reuses its buffer for the next instance
+    assert result.ok and result.path.read_bytes().endswith(bare(ds))
+
+
+def test_on_durable_comes_after_both_fsyncs_and_before_the_index(spool: Spool, monkeypatch) -> None:
+    first, second = datasets(2)
+    assert spool.store(part10(first), SENDER, session="s").ok  # the folders exist from here on
+    events: list[str] = []
+    fsync = os.fsync
+
+    def counted(fd: int) -> None:
+        events.append("fsync")
+        fsync(fd)
+
+    def durable(result) -> None:
+        events.append("durable")
+        assert result.ok and result.path.read_bytes().endswith(split_part10(part10(second))[1])
+        assert spool.instance(second.SOPInstanceUID) is None  # not indexed yet
+
+    monkeypatch.setattr(os, "fsync", counted)
+    result = spool.store(part10(second), SENDER, session="s", on_durable=durable)
+    assert events == ["fsync", "fsync", "durable"]  # the file, then its folder after the rename
+    assert result.ok and not result.duplicate and spool.instance(second.SOPInstanceUID) is not None
+    calls: list[object] = []
+    assert not spool.store(b"not DICOM", SENDER, session="s", on_durable=calls.append).ok
+    assert calls == []
 
 
 def test_encode_instance_summary_of_a_multiframe_header() -> None:
