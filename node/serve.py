@@ -2,7 +2,7 @@
 workers on other machines (Redis queue).
 
 Worker model. ``serve`` runs everything in one process: uvicorn in the main thread (it owns
-SIGINT/SIGTERM), the pynetdicom listener in its threads, and huey's consumer with ``[queue] workers``
+SIGINT/SIGTERM), the DICOM listener in its threads, and huey's consumer with ``[queue] workers``
 worker threads plus its scheduler thread (for delayed retries). Threads, not processes, because the
 heavy stages run in numpy/scipy/torch, which release the GIL (and nnU-Net starts its own worker
 processes); one process means one job store connection pool, one metrics registry for ``/metrics``,
@@ -32,7 +32,7 @@ from node.ingest import Sender, SeriesReady
 from node.ingest.receiver import Receiver
 from node.jobs import Router, open_store, reconcile
 from node.jobs.queue import JobQueue, make_huey
-from node.jobs.store import Job, JobStore
+from node.jobs.store import JobStore
 from node.jobs.worker import Hook, JobRunner
 from node.web import metrics
 
@@ -81,18 +81,6 @@ def _check_http(settings: Settings) -> None:
                          "set tokens or listen on 127.0.0.1")
 
 
-def retention_hook(receiver: Receiver, days: float) -> Hook:
-    """After each job done: the spool's retention sweep (series handed on and idle for ``days``)."""
-    from node.ingest.spool import purge_older_than
-
-    def spool_retention(job: Job, results: Path) -> None:
-        removed = purge_older_than(receiver.spool, days)
-        if removed:
-            log.info("spool retention: %d series older than %g days removed", len(removed), days)
-
-    return spool_retention
-
-
 def _watch_orphans(store: JobStore, enqueue: Callable[[str, float], None], stale_after: float,
                    stop: threading.Event) -> None:
     """Now and then: jobs whose worker went silent (another machine died) are queued again."""
@@ -133,15 +121,12 @@ def serve(settings: Settings, *, on_started: Callable[[], None] | None = None) -
     runner: list[JobRunner] = []
     queue = JobQueue(make_huey(settings), lambda job_id: runner[0].run(job_id))
     receiver = MeteredReceiver.from_settings(settings)
-    hooks: tuple[Hook, ...] = ()
-    if settings.ingest.retention_days > 0:
-        hooks = (retention_hook(receiver, settings.ingest.retention_days),)
     # The outbox: a job's SEG is queued for its destinations as soon as it is written (the meshes and
     # NIfTI files follow while it is sent), a done job's DICOM results again (a no-op for those already
     # queued); durably, before the hook returns; delivered by one thread per destination; states go to
     # the job's record.
     outbox = Outbox.from_settings(settings, on_change=store.set_destinations)
-    hooks = (outbox.enqueue_results, *hooks)
+    hooks: tuple[Hook, ...] = (outbox.enqueue_results,)  # spool retention is the receiver's hourly timer
     runner.append(JobRunner(store, settings, enqueue=queue.enqueue, hooks=hooks,
                             on_output=(outbox.enqueue_output,)))
     router = Router(settings, store, queue.enqueue,

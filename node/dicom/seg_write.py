@@ -446,9 +446,17 @@ def _reference_seg(labels: LabelVolume, datasets: list[Dataset], planes: list[_P
     lut[ids] = numbers
     dtype = np.uint8 if max(numbers) < 256 else np.uint16
     pixels = lut[labels.array[[p.k for p in planes]]].astype(dtype)
-    return hd.seg.Segmentation(
+    return _with_type2(hd.seg.Segmentation(
         source_images=datasets, pixel_array=pixels, segmentation_type=options.segmentation_type,
-        segment_descriptions=descriptions, **_highdicom_kwargs(datasets, options))
+        segment_descriptions=descriptions, **_highdicom_kwargs(datasets, options)))
+
+
+def _with_type2(seg: Dataset) -> Dataset:
+    """Type 2 attributes highdicom leaves out when it has no value: ContentCreatorName (Content
+    Identification Macro, PS3.3 Table 10-12) must be present, empty when nobody corrected the result."""
+    if "ContentCreatorName" not in seg:
+        seg.ContentCreatorName = ""
+    return seg
 
 
 def build_seg(labels: LabelVolume, source: Sequence[Dataset] | Path | str, *,
@@ -574,6 +582,7 @@ class _FastSeg:
 
         del seg.PerFrameFunctionalGroupsSequence
         del seg.PixelData
+        _with_type2(seg)
         seg.NumberOfFrames = n_frames
         positions = [p.position.tolist() for p in self.planes]
         measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]

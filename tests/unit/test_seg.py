@@ -156,6 +156,7 @@ def test_seg_attributes_references_and_marker(run, ct) -> None:
     assert (ds.Modality, ds.SOPClassUID, ds.SegmentationType) == (
         "SEG", "1.2.840.10008.5.1.4.1.1.66.4", "BINARY")
     assert ds.Manufacturer == OWN_MANUFACTURER and "DERIVED" in ds.ImageType
+    assert ds["ContentCreatorName"].value in ("", None)  # type 2: present, empty (nobody corrected it)
     assert ds.FrameOfReferenceUID == source.frame_of_reference_uid
     assert ds.StudyInstanceUID == source.study_uid and ds.SeriesInstanceUID != source.series_uid
     assert (ds.Rows, ds.Columns) == (64, 64)  # full size, never cropped
