@@ -157,7 +157,9 @@ password = "{PASSWORD}"
         lambda: orthanc.qido(f"/studies/{study}/series?Modality=SEG"),
         logs=lambda: node.log() + orthanc.log_tail(),
     )
-    job = node.wait_job(lambda j: j["destinations"].get("orthanc", {}).get("state") == "delivered")
+    job = node.wait_job(  # the SEG goes out while the job still writes its other results: wait for both
+        lambda j: j["state"] == "done" and j["destinations"].get("orthanc", {}).get("state") == "delivered"
+    )
     assert (job["state"], job["series_uid"], job["study_uid"], job["sender"]["via"]) == (
         "done",
         series,
@@ -216,7 +218,9 @@ ae_title = "{orthanc.aet}"
 
     storescu([phantom["dicom"]], "127.0.0.1", node.dicom_port, "SEGNODE")
 
-    job = node.wait_job(lambda j: j["destinations"].get("pacs", {}).get("state") == "delivered")
+    job = node.wait_job(  # the SEG goes out while the job still writes its other results: wait for both
+        lambda j: j["state"] == "done" and j["destinations"].get("pacs", {}).get("state") == "delivered"
+    )
     assert job["sender"]["via"] == "dimse"
     segs = [s for s in orthanc.rest_get("/series?expand") if s["MainDicomTags"].get("Modality") == "SEG"]
     assert len(segs) == 1 and len(segs[0]["Instances"]) == 1
@@ -235,7 +239,9 @@ def test_a_result_waiting_for_orthanc_is_delivered_once_it_is_back_exactly_once(
     study, _ = source_uids(phantom)
 
     storescu([phantom["dicom"]], "127.0.0.1", node.dicom_port, "SEGNODE")
-    waiting = node.wait_job(lambda j: j["destinations"].get("orthanc", {}).get("attempts", 0) >= 2)
+    waiting = node.wait_job(
+        lambda j: j["state"] == "done" and j["destinations"].get("orthanc", {}).get("attempts", 0) >= 2
+    )
     state = waiting["destinations"]["orthanc"]
     assert (waiting["state"], state["state"], state["delivered"]) == ("done", "pending", 0)
     assert "Connection" in state["last_error"]
@@ -243,7 +249,9 @@ def test_a_result_waiting_for_orthanc_is_delivered_once_it_is_back_exactly_once(
     node.start()
     orthanc.start()
 
-    job = node.wait_job(lambda j: j["destinations"].get("orthanc", {}).get("state") == "delivered")
+    job = node.wait_job(  # the SEG goes out while the job still writes its other results: wait for both
+        lambda j: j["state"] == "done" and j["destinations"].get("orthanc", {}).get("state") == "delivered"
+    )
     assert job["id"] == waiting["id"]
     assert job["destinations"]["orthanc"]["attempts"] > state["attempts"]
     segs = orthanc.qido(f"/studies/{study}/series?Modality=SEG")
