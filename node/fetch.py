@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from node.config import OrthancSection, Settings
+from node.http import http_session
 from node.ingest import Sender
 
 log = logging.getLogger(__name__)
@@ -53,9 +54,7 @@ class FetchStats:
 
 
 def orthanc_session(section: OrthancSection):
-    from node.export.senders import _http_session
-
-    return _http_session(
+    return http_session(
         section.username,
         section.password.get_secret_value(),
         section.token.get_secret_value(),

@@ -27,6 +27,7 @@ from typing import Protocol
 from urllib.parse import urlparse
 
 from node.config import Destination
+from node.http import http_session
 
 log = logging.getLogger(__name__)
 
@@ -78,31 +79,8 @@ def make_sender(destination: Destination, *, calling_aet: str = "SEGNODE", timeo
     return FolderSender(destination)
 
 
-def _http_session(username: str, password: str, token: str, verify_tls: bool, ca_bundle: Path | None):
-    """A ``requests`` session with basic or bearer authentication and the TLS verification asked for.
-
-    ``requests`` lets ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE`` in the environment override a session's
-    ``verify`` (psf/requests#3829): a configured CA bundle or ``verify_tls = false`` must win here."""
-    import requests
-
-    class Session(requests.Session):
-        def merge_environment_settings(self, url, proxies, stream, verify, cert):  # type: ignore[override]
-            merged = super().merge_environment_settings(url, proxies, stream, verify, cert)
-            if self.verify is not True:
-                merged["verify"] = self.verify
-            return merged
-
-    session = Session()
-    if token:
-        session.headers["Authorization"] = f"Bearer {token}"
-    elif username:
-        session.auth = requests.auth.HTTPBasicAuth(username, password)
-    session.verify = str(ca_bundle) if ca_bundle else verify_tls
-    return session
-
-
 def destination_session(destination: Destination):
-    return _http_session(
+    return http_session(
         destination.username,
         destination.password.get_secret_value(),
         destination.token.get_secret_value(),
@@ -457,7 +435,7 @@ class OrthancAdmin:
             url.rstrip("/") + "/", user=username or None, pwd=password or None, api_token=token or None
         )
         # Our session: the same auth, and TLS settings that REQUESTS_CA_BUNDLE cannot override.
-        self.client._http_session = _http_session(username, password, token, verify_tls, ca_bundle)
+        self.client._http_session = http_session(username, password, token, verify_tls, ca_bundle)
 
     @classmethod
     def for_destination(cls, destination: Destination) -> OrthancAdmin:
