@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from node.config import OrthancSection, Settings
-from node.http import http_session
+from node.http import session_for
 from node.ingest import Sender
 
 log = logging.getLogger(__name__)
@@ -53,16 +53,6 @@ class FetchStats:
     seconds: float = 0.0
 
 
-def orthanc_session(section: OrthancSection):
-    return http_session(
-        section.username,
-        section.password.get_secret_value(),
-        section.token.get_secret_value(),
-        section.verify_tls,
-        section.ca_bundle,
-    )
-
-
 class OrthancSource:
     """The DICOMweb side of the Orthanc in ``[orthanc]``."""
 
@@ -71,7 +61,7 @@ class OrthancSource:
             raise FetchError("[orthanc] url is not set")
         self.section = section
         self.dicomweb_url = section.url.rstrip("/") + "/" + section.dicomweb_root.strip("/")
-        self.session = orthanc_session(section)
+        self.session = session_for(section)
 
     def iter_series(
         self, study_uid: str, series_uid: str, stats: FetchStats | None = None

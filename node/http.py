@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+from pydantic import SecretStr
 
 
 def http_session(
-    username: str = "", password: str = "", token: str = "", verify_tls: bool = True, ca_bundle: Path | None = None
+    username: str = "",
+    password: str = "",
+    token: str = "",
+    verify_tls: bool = True,
+    ca_bundle: Path | None = None,
 ) -> Any:
     """A ``requests`` session with basic or bearer authentication and the TLS verification asked for.
 
@@ -29,3 +35,24 @@ def http_session(
         session.auth = requests.auth.HTTPBasicAuth(username, password)
     session.verify = str(ca_bundle) if ca_bundle else verify_tls
     return session
+
+
+class HttpAuth(Protocol):
+    """What a config section that names an HTTP server carries (``[[destinations]]``, ``[orthanc]``)."""
+
+    username: str
+    password: SecretStr
+    token: SecretStr
+    verify_tls: bool
+    ca_bundle: Path | None
+
+
+def session_for(section: HttpAuth) -> Any:
+    """:func:`http_session` with a config section's credentials and TLS settings."""
+    return http_session(
+        section.username,
+        section.password.get_secret_value(),
+        section.token.get_secret_value(),
+        section.verify_tls,
+        section.ca_bundle,
+    )

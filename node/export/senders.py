@@ -27,7 +27,7 @@ from typing import Protocol
 from urllib.parse import urlparse
 
 from node.config import Destination
-from node.http import http_session
+from node.http import http_session, session_for
 
 log = logging.getLogger(__name__)
 
@@ -79,16 +79,6 @@ def make_sender(destination: Destination, *, calling_aet: str = "SEGNODE", timeo
     return FolderSender(destination)
 
 
-def destination_session(destination: Destination):
-    return http_session(
-        destination.username,
-        destination.password.get_secret_value(),
-        destination.token.get_secret_value(),
-        destination.verify_tls,
-        destination.ca_bundle,
-    )
-
-
 def _http_failure(exc: Exception) -> DeliveryError:
     import requests
 
@@ -129,7 +119,7 @@ class StowSender:
             raise DeliveryError(f"destination {destination.name}: kind stowrs needs a url", permanent=True)
         self.destination, self.timeout = destination, timeout
         self.url = destination.url.rstrip("/")
-        self.session = destination_session(destination)
+        self.session = session_for(destination)
         self.client = DICOMwebClient(self.url, session=self.session, timeout=timeout)
         self.client.set_http_retry_params(retry=False)
         # dicomweb-client's retry decorator logs every failed request with a traceback at WARNING;
