@@ -70,7 +70,9 @@ class Receiver:
         cls, settings: Settings, on_series_ready: Callable[[SeriesReady], None] | None = None
     ) -> Receiver:
         ingest = settings.ingest
-        spool = Spool(settings.node.data_dir, fsync=ingest.fsync, min_free_mb=ingest.min_free_mb)
+        spool = Spool(
+            settings.node.data_dir, fsync=ingest.fsync, min_free_mb=ingest.min_free_mb, journal_mb=ingest.journal_mb
+        )
         return cls(
             spool,
             on_series_ready,

@@ -1,19 +1,21 @@
 """The spool: every received instance, on disk before it is acknowledged, and a small index of them.
 
 Layout: ``<data_dir>/spool/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm`` (UIDs validated, so never
-a path trick) and ``<data_dir>/spool/index.sqlite``. Files are the truth: each is written to a
-temporary name, fsynced, renamed into place and its folder fsynced before :meth:`Spool.store`
-returns success (so a C-STORE success status means the instance survives a crash or power loss).
-The index is a rebuildable cache (SQLite WAL, no fsync); :meth:`Spool.reconcile` brings it back in
-line with the files at every start.
+a path trick), ``<data_dir>/spool/index.sqlite`` and ``<data_dir>/journal/``. Files are the
+truth: each is written to a temporary name and renamed into place, and before :meth:`Spool.store`
+returns success it is durable (so a C-STORE success status means the instance survives a crash or
+power loss): recorded in the ingest journal (:mod:`node.ingest.journal`, one data flush; the file is
+fsynced later in the background, and rewritten from the journal after a crash), or, without a
+journal, fsynced with its folder. The index is a rebuildable cache (SQLite WAL, no fsync);
+:meth:`Spool.reconcile` brings it back in line with the files at every start.
 
 Every receiver calls :meth:`Spool.store` (through :class:`node.ingest.receiver.Receiver`, which
 adds series completion): the C-STORE SCP, the STOW-RS route, a file import.
 
 Two hooks let the C-STORE SCP keep work off the time a sender waits for its status, without moving
 the acknowledgement before the fsyncs: :meth:`Spool.reserve` makes the next temporary file while the
-association waits for the next instance, and ``on_durable`` answers as soon as the file and its
-folder are fsynced, before the index is updated.
+association waits for the next instance, and ``on_durable`` answers as soon as the file is durable,
+before the index is updated.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pathlib import Path
 
 from node.ingest import Sender
 from node.ingest.instance import Encoded, InstanceInfo, Refused, Status, encode_instance, valid_uid
+from node.ingest.journal import Journal, JournalBusy
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,8 @@ ON CONFLICT (sop_uid) DO UPDATE SET
     received = excluded.received
 """
 _TEMP_SUFFIX = ".tmp"
+#: The ingest journal is this many segment files of ``journal_mb / JOURNAL_SEGMENTS`` each.
+JOURNAL_SEGMENTS = 8
 _counter = itertools.count()
 
 
@@ -158,7 +163,11 @@ class TempFile:
 class Spool:
     """Durable per-series storage of received instances (thread-safe: one per process and folder)."""
 
-    def __init__(self, data_dir: Path, *, fsync: bool = True, min_free_mb: int = 0) -> None:
+    def __init__(
+        self, data_dir: Path, *, fsync: bool = True, min_free_mb: int = 0, journal_mb: int = 256
+    ) -> None:
+        """``fsync`` false keeps nothing durable (tests, benchmarks); ``journal_mb`` is the ingest
+        journal's size (0: fsync each file and its folder instead)."""
         self.root = Path(data_dir) / "spool"
         self.root.mkdir(parents=True, exist_ok=True)
         self.fsync = fsync
@@ -169,6 +178,32 @@ class Spool:
         self._dirs: set[str] = set()
         self._free, self._checked, self._written = 0, -1e9, 0
         self._db = self._open_index()
+        self._journal = self._open_journal(journal_mb) if fsync and journal_mb else None
+
+    def _open_journal(self, size_mb: int) -> Journal | None:
+        segment_bytes = max((size_mb << 20) // JOURNAL_SEGMENTS, 1 << 20)  # a multiple of 128 KiB: whole blocks
+        try:
+            journal = Journal(self.root.parent / "journal", self.root, segment_bytes=segment_bytes,
+                              segments=JOURNAL_SEGMENTS)  # fmt: skip
+        except JournalBusy as exc:
+            log.warning("%s: this spool fsyncs each file instead", exc)
+            return None
+        journal.recover(self._restore)
+        return journal
+
+    def _restore(self, relative: str, payload: memoryview) -> str | None:
+        """Write one file the journal replays (not fsynced: the journal does that), or refuse it."""
+        parts = relative.split("/")
+        if not (len(parts) == 3 and parts[2].endswith(".dcm") and all(map(valid_uid, (*parts[:2], parts[2][:-4])))):
+            log.warning("journal record for %r is not a spool path; skipped", relative)
+            return None
+        folder = f"{self._root}/{parts[0]}/{parts[1]}"
+        self._ensure_dir(folder)
+        temp = f"{folder}/.restore{_TEMP_SUFFIX}"
+        with open(temp, "wb") as out:
+            out.write(payload)
+        os.replace(temp, f"{self._root}/{relative}")
+        return relative
 
     def _open_index(self) -> sqlite3.Connection:
         path = self.root / "index.sqlite"
@@ -189,6 +224,10 @@ class Spool:
         raise AssertionError("unreachable")
 
     def close(self) -> None:
+        """Make every file durable by itself (journal checkpoint) and close the index."""
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
         with self._lock:
             self._db.close()
 
@@ -325,34 +364,27 @@ class Spool:
                 reserved.discard()
             reason = f"less than {self.min_free_bytes >> 20} MB free in the spool"
             return StoreResult(int(Status.OUT_OF_RESOURCES), reason, info)
-        if reserved is None:
-            reserved = self._create_temp(info.study_uid, info.series_uid, info.sop_instance_uid)
-        dir_fd, fd, temp = reserved.take()
         name = f"{info.sop_instance_uid}.dcm"
-        try:
-            try:
-                written = os.writev(fd, [encoded.meta, encoded.body])
-                if written != size:
-                    raise OSError(f"short write ({written} bytes)")
-                if self.fsync:
-                    os.fsync(fd)
-            except BaseException:
-                os.unlink(temp, dir_fd=dir_fd)
-                raise
-            finally:
-                os.close(fd)
-            os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-            if self.fsync:
-                os.fsync(dir_fd)  # the rename itself is durable: only now may the sender hear success
-        finally:
-            os.close(dir_fd)
         relative = f"{info.study_uid}/{info.series_uid}/{name}"
         path = Path(self._root, relative)
-        if on_durable is not None:
+        durable = StoreResult(int(Status.SUCCESS), "", info, path)
+        journal = self._journal if self._journal is not None and size <= self._journal.max_payload else None
+        if journal is None:
+            self._write_file(encoded, size, name, reserved, info, sync=self.fsync)
+            self._announce(durable, on_durable)
+        else:
+            # One flush of the journal record makes it durable: the sender hears success while the
+            # file is written (to the page cache; the journal fsyncs it later).
+            record = journal.append(relative, [encoded.meta, encoded.body])
+            self._announce(durable, on_durable)
             try:
-                on_durable(StoreResult(int(Status.SUCCESS), "", info, path))
-            except Exception:
-                log.exception("on_durable failed for series %s", info.series_uid)
+                self._write_file(encoded, size, name, reserved, info, sync=False)
+            except OSError as exc:
+                journal.written(record, ok=False)
+                log.error("spool file for series %s not written (%s); it comes back from the journal "
+                          "at the next start", info.series_uid, exc)  # fmt: skip
+                return durable
+            journal.written(record)
         row = (
             info.sop_instance_uid, info.study_uid, info.series_uid, info.sop_class_uid, info.modality,
             info.transfer_syntax, info.instance_number, info.acquisition_number, _text(info.position),
@@ -366,11 +398,46 @@ class Spool:
             self._db.execute(_UPSERT, row)
         if old and old[0] != relative:
             # The same instance now claims another study/series: keep only the newest copy.
+            if self._journal is not None:
+                self._journal.checkpoint()  # a replay must not bring the old copy back
             try:
                 os.unlink(f"{self._root}/{old[0]}")
             except FileNotFoundError:
                 pass
         return StoreResult(int(Status.SUCCESS), "", info, path, duplicate=old is not None)
+
+    def _write_file(
+        self, encoded: Encoded, size: int, name: str, reserved: TempFile | None, info: InstanceInfo, *, sync: bool
+    ) -> None:
+        """Temp file, [fsync], rename, [fsync of the folder: the rename itself is durable]."""
+        if reserved is None:
+            reserved = self._create_temp(info.study_uid, info.series_uid, info.sop_instance_uid)
+        dir_fd, fd, temp = reserved.take()
+        try:
+            try:
+                written = os.writev(fd, [encoded.meta, encoded.body])
+                if written != size:
+                    raise OSError(f"short write ({written} bytes)")
+                if sync:
+                    os.fsync(fd)
+            except BaseException:
+                os.unlink(temp, dir_fd=dir_fd)
+                raise
+            finally:
+                os.close(fd)
+            os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            if sync:
+                os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    @staticmethod
+    def _announce(durable: StoreResult, on_durable: Callable[[StoreResult], None] | None) -> None:
+        if on_durable is not None:
+            try:
+                on_durable(durable)
+            except Exception:
+                log.exception("on_durable failed for series %s", durable.info.series_uid)
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -478,6 +545,8 @@ class Spool:
         if not instances:
             return 0
         folder = self.series_folder(instances[0].info.study_uid, series_uid)
+        if self._journal is not None:
+            self._journal.checkpoint()  # a replay must not bring deleted files back
         count = sum(1 for _ in folder.glob("*.dcm")) if folder.is_dir() else 0
         shutil.rmtree(folder, ignore_errors=True)
         self._dirs.discard(str(folder))

@@ -24,6 +24,7 @@ from pydicom.uid import (
 from node.dicom.series import read_series
 from node.dicom.writer import SeriesInfo, series_datasets
 from node.ingest import Sender
+from node.ingest import journal as journal_module
 from node.ingest.instance import Status, encode_instance, file_meta, is_image, split_part10, valid_uid
 from node.ingest.spool import Spool, purge_older_than
 from tests.unit.test_series import ramp_volume
@@ -51,7 +52,7 @@ def bare(ds: Dataset, syntax: str = ExplicitVRLittleEndian) -> bytes:
 
 @pytest.fixture
 def spool(tmp_path: Path) -> Spool:
-    spool = Spool(tmp_path / "data", fsync=True)
+    spool = Spool(tmp_path / "data", fsync=True, journal_mb=8)
     yield spool
     spool.close()
 
@@ -259,13 +260,15 @@ def test_not_part10_and_garbage(spool: Spool) -> None:
 
 
 def test_full_disk_is_out_of_resources(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "data", min_free_mb=10**9)
+    spool = Spool(tmp_path / "data", min_free_mb=10**9, journal_mb=8)
     result = spool.store(part10(datasets(1)[0]), SENDER, session="s")
     assert result.status == Status.OUT_OF_RESOURCES
     assert spool_files(spool) == []
 
 
-def test_write_error_is_out_of_resources_and_leaves_no_temp_file(spool: Spool, monkeypatch) -> None:
+def test_write_error_is_out_of_resources_and_leaves_no_temp_file(tmp_path: Path, monkeypatch) -> None:
+    spool = Spool(tmp_path / "data", journal_mb=0)  # with a journal: see test_journal.py
+
     def full(fd, buffers):
         raise OSError(28, "No space left on device")
 
@@ -309,7 +312,7 @@ def test_handed_on_is_remembered(spool: Spool) -> None:
 
 
 def test_reconcile_rebuilds_the_index_from_the_files(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "data")
+    spool = Spool(tmp_path / "data", journal_mb=8)
     series = datasets(3)
     paths = [spool.store(part10(ds), SENDER, session="a").path for ds in series]
     spool.mark_handed(series[0].SeriesInstanceUID, 1, [series[0].SOPInstanceUID])
@@ -322,7 +325,7 @@ def test_reconcile_rebuilds_the_index_from_the_files(tmp_path: Path) -> None:
     paths[2].unlink()
     temp = paths[0].parent / f".{series[2].SOPInstanceUID}.123.4.tmp"
     temp.write_bytes(b"half a file")
-    spool = Spool(tmp_path / "data")
+    spool = Spool(tmp_path / "data", journal_mb=8)
     assert spool.reconcile() == {"added": 1, "dropped": 1, "temp_removed": 1, "unreadable": 0}
     assert not temp.exists()
     rows = {r.info.sop_instance_uid: r for r in spool.instances(series[0].SeriesInstanceUID)}
@@ -336,14 +339,14 @@ def test_reconcile_rebuilds_the_index_from_the_files(tmp_path: Path) -> None:
 
 
 def test_a_damaged_index_is_rebuilt(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "data")
+    spool = Spool(tmp_path / "data", journal_mb=8)
     ds = datasets(1)[0]
     spool.store(part10(ds), SENDER, session="a")
     spool.close()
     for suffix in ("-wal", "-shm"):
         Path(f"{spool.root / 'index.sqlite'}{suffix}").unlink(missing_ok=True)
     (spool.root / "index.sqlite").write_bytes(b"this is not a database" * 100)
-    spool = Spool(tmp_path / "data")
+    spool = Spool(tmp_path / "data", journal_mb=8)
     assert spool.reconcile()["added"] == 1
     assert spool.instance(ds.SOPInstanceUID) is not None
     spool.close()
@@ -410,28 +413,40 @@ def test_the_buffer_is_not_kept(spool: Spool) -> None:
     assert result.ok and result.path.read_bytes().endswith(bare(ds))
 
 
-def test_on_durable_comes_after_both_fsyncs_and_before_the_index(spool: Spool, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    "journal_mb, flushes",
+    [(0, ["fsync", "fsync"]), (8, ["fdatasync"])],  # file + folder after the rename, or one journal flush
+    ids=["no-journal", "journal"],
+)
+def test_on_durable_comes_after_the_flushes_and_before_the_index(
+    tmp_path: Path, monkeypatch, journal_mb: int, flushes: list[str]
+) -> None:
+    spool = Spool(tmp_path / "data", journal_mb=journal_mb)
     first, second = datasets(2)
     assert spool.store(part10(first), SENDER, session="s").ok  # the folders exist from here on
     events: list[str] = []
-    fsync = os.fsync
 
-    def counted(fd: int) -> None:
-        events.append("fsync")
-        fsync(fd)
+    def counted(name: str, call):
+        def flush(fd: int) -> None:
+            events.append(name)
+            call(fd)
+
+        return flush
 
     def durable(result) -> None:
         events.append("durable")
         assert result.ok and result.path.read_bytes().endswith(split_part10(part10(second))[1])
         assert spool.instance(second.SOPInstanceUID) is None  # not indexed yet
 
-    monkeypatch.setattr(os, "fsync", counted)
+    monkeypatch.setattr(os, "fsync", counted("fsync", os.fsync))
+    monkeypatch.setattr(journal_module, "_fdatasync", counted("fdatasync", journal_module._fdatasync))
     result = spool.store(part10(second), SENDER, session="s", on_durable=durable)
-    assert events == ["fsync", "fsync", "durable"]  # the file, then its folder after the rename
+    assert events == [*flushes, "durable"]
     assert result.ok and not result.duplicate and spool.instance(second.SOPInstanceUID) is not None
     calls: list[object] = []
     assert not spool.store(b"not DICOM", SENDER, session="s", on_durable=calls.append).ok
     assert calls == []
+    spool.close()
 
 
 def test_encode_instance_summary_of_a_multiframe_header() -> None:
