@@ -2,30 +2,34 @@
 
 A spool file is durable only after ``fsync(file)`` and ``fsync(folder)`` (the rename), and on ext4
 each is a journal commit with its own cache flush. The journal makes the acknowledgement cheaper
-without weakening it: each instance is also appended to a segment file whose blocks were written
-(zeros) and flushed when it was made, so ``fdatasync`` after the append has no metadata to commit
-and flushes just the new bytes. The spool file itself is written (temp, rename) without fsync; a
-background thread fsyncs the files of a full segment and their folders, and only then re-arms the
-segment for reuse (retirement). After a crash, :meth:`Journal.recover` rewrites every file whose
-record is still in an armed segment, so what was acknowledged comes back byte for byte.
+without weakening it. Each instance is first appended to a segment file whose blocks were all
+written (zeros) and flushed when it was made, with direct I/O, so the ``fdatasync`` that follows has
+no metadata to commit and flushes only the new bytes. The sender hears success then; the spool file
+is written (temp, rename, no fsync) after that. A background retirer fsyncs the files of full
+segments and their folders and then re-arms the segments for reuse: once half of them are full, and
+all of them after :data:`IDLE_SECONDS` without a new record (during a burst the disk serves the
+acknowledgements). After a crash, :meth:`Journal.recover` rewrites every file whose record is still
+in an armed segment, so what was acknowledged comes back byte for byte.
 
-Layout: ``<spool>/journal/segment-NN.log``, each a 4 KiB header then records::
+Layout: ``<data_dir>/journal/segment-NN.log``, each a 4 KiB header, then records on 4 KiB
+boundaries::
 
     header  magic "SNJSEG01", seq (u64, order of use), nonce (u64, random per arming), crc32
     record  magic "SNJR", nonce (u64), path length (u16), payload length (u32), XXH3-64 of path
             and payload (u64), header crc32 (u32); then the path (relative to the spool) and the
-            payload (the Part 10 file), padded to a 4 KiB boundary
+            payload (the Part 10 file)
 
 A record counts only when its nonce is the segment's current one and both checksums match, so data
 left from an earlier arming or a torn write is never replayed; the scan of a segment stops at the
 first record that does not count. Records are written one at a time under a lock and flushed by
 group commit (one ``fdatasync`` may cover several senders' records), so an acknowledged record never
-follows a gap. Deleting spool files first retires every segment (:meth:`checkpoint`), so a replay
-never brings back a file that was deleted on purpose.
+follows a gap. Deleting spool files first retires every segment (:meth:`Journal.checkpoint`), so a
+replay never brings back a file that was deleted on purpose.
 
-Only one process may use a journal folder (``flock``); a second one gets :class:`JournalBusy` and
-its spool fsyncs each file as before. Records larger than :attr:`Journal.max_payload` (huge
-multi-frame objects, where the extra flushes cost little) take that path too.
+Only one process may use a journal folder (``flock``); a second spool there gets
+:class:`JournalBusy` and fsyncs each file as before. Instances larger than
+:attr:`Journal.max_payload` (huge multi-frame objects, where the extra flushes cost little) take
+that path too.
 """
 
 from __future__ import annotations
@@ -56,6 +60,8 @@ _RECORD = struct.Struct("<4sQHIQI")  # magic, nonce, path length, payload length
 _fdatasync = getattr(os, "fdatasync", os.fsync)
 #: After this long without a new record, the retirer makes every recorded file durable by itself.
 IDLE_SECONDS = 1.0
+#: After a failed retirement (disk full, I/O error), the retirer tries again this much later.
+RETRY_SECONDS = 5.0
 
 
 class JournalBusy(RuntimeError):
@@ -98,7 +104,7 @@ class _Segment:
     files: set[str] = field(default_factory=set)
     #: Records whose spool file is still being written (retirement waits for them).
     writing: int = 0
-    #: A file whose record is here could not be written: the segment is kept for the next start.
+    #: A file whose record is here could not be written: retirement writes it from the record.
     kept: bool = False
 
 
@@ -143,6 +149,7 @@ class Journal:
         self._changed = threading.Condition()  # guards _free, _full and _closing
         self._closing = False
         self._last_append = 0.0
+        self._restore: Callable[[str, memoryview], str | None] = lambda relative, payload: None
         self._thread: threading.Thread | None = None
         self._error: OSError | None = None
         #: One block-aligned buffer (records are copied into it under the write lock).
@@ -154,10 +161,12 @@ class Journal:
         """Replay the records left by a crash, then arm the segments and start the retirer.
 
         ``restore(relative_path, payload)`` writes one spool file (without fsync) and returns its
-        relative path, or None to skip a record it refuses. Only the newest record of each file name
+        relative path, or None to skip a record it refuses; it is kept for files that could not be
+        written after their record (see :meth:`written`). Only the newest record of each file name
         (SOP Instance UID) is replayed. The files and their folders are fsynced before any segment is
         re-armed. Returns the number of files restored.
         """
+        self._restore = restore
         for path in sorted(self.folder.glob("segment-*.log")):
             fd = _open_for_writing(path)
             self._segments.append(_Segment(path, fd, os.fstat(fd).st_size))
@@ -238,7 +247,8 @@ class Journal:
         """A new segment file, every block written once and flushed: later flushes carry no metadata.
         Written past the page cache where possible, so that 256 MiB of zeros do not crowd it."""
         taken = {s.path.name for s in self._segments}
-        path = next(p for i in range(len(taken) + 1) if (p := self.folder / f"segment-{i:02d}.log").name not in taken)
+        name = next(n for i in range(len(taken) + 1) if (n := f"segment-{i:02d}.log") not in taken)
+        path = self.folder / name
         temp = path.with_suffix(".new")
         temp.touch(0o640)
         fd = _open_for_writing(temp)
@@ -281,7 +291,8 @@ class Journal:
         """Record the spool file ``relative`` (its bytes: ``parts``); durable on return.
 
         The caller then writes the file (no fsync needed) and calls :meth:`written` with the value
-        returned, so that the segment is not retired before the file exists. Raises OSError when the record cannot be written or flushed (the caller refuses the instance)
+        returned, so that the segment is not retired before the file exists. Raises OSError when the
+        record cannot be written or flushed (the caller refuses the instance)
         and ValueError when it is larger than :attr:`max_payload` or the path is over 1 KiB.
         """
         path = relative.encode()
@@ -317,7 +328,8 @@ class Journal:
 
     def written(self, segment: _Segment, *, ok: bool = True) -> None:
         """The spool file of a record appended to ``segment`` is written (``ok``) or failed to be:
-        then the segment is never re-armed in this process, and the next start replays it."""
+        then its retirement writes the file from the record first (and a crash before that leaves
+        the record to the next start's replay)."""
         with self._changed:
             segment.writing -= 1
             segment.kept |= not ok
@@ -375,12 +387,13 @@ class Journal:
                     self.checkpoint()
                 else:
                     self._retire_full()
-            except OSError as exc:  # the disk failed: writers waiting for a segment must hear it
-                log.error("journal: %s", exc)
+                self._error = None
+            except OSError as exc:  # disk full or failing: writers waiting for a segment hear it
+                log.error("journal: cannot retire a segment (%s); trying again in %g s", exc, RETRY_SECONDS)
                 with self._changed:
                     self._error = exc
                     self._changed.notify_all()
-                return
+                    self._changed.wait(RETRY_SECONDS)
 
     def _idle(self) -> bool:
         return time.monotonic() - self._last_append >= IDLE_SECONDS
@@ -401,21 +414,35 @@ class Journal:
                     segment = self._full.popleft() if self._full else None
                 if segment is None:
                     return
-                self._retire(segment)
+                try:
+                    self._retire(segment)
+                except BaseException:
+                    with self._changed:
+                        self._full.appendleft(segment)  # its records still count: try again later
+                    raise
 
     def _retire(self, segment: _Segment) -> None:
         with self._changed:
             while segment.writing:
                 self._changed.wait()
-            if segment.kept:
-                log.error("journal %s keeps records of spool files that could not be written; they are "
-                          "restored at the next start", segment.path.name)  # fmt: skip
-                return
+        if segment.kept:  # a file could not be written after its record: write it from the record now
+            self._restore_missing(segment)
+            segment.kept = False
         self._make_durable(segment.files)
         self._arm(segment)
         with self._changed:
             self._free.append(segment)
             self._changed.notify_all()
+
+    def _restore_missing(self, segment: _Segment) -> None:
+        reader = os.open(segment.path, os.O_RDONLY)
+        try:
+            for offset, length, relative in self._scan(segment, reader):
+                if not os.path.exists(f"{self.root}/{relative}"):
+                    self._restore(relative, memoryview(os.pread(reader, length, offset)))
+                    log.info("journal: wrote %s from its record", relative)
+        finally:
+            os.close(reader)
 
     def _make_durable(self, relatives: set[str]) -> None:
         for relative in relatives:

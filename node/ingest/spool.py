@@ -181,7 +181,7 @@ class Spool:
         self._journal = self._open_journal(journal_mb) if fsync and journal_mb else None
 
     def _open_journal(self, size_mb: int) -> Journal | None:
-        segment_bytes = max((size_mb << 20) // JOURNAL_SEGMENTS, 1 << 20)  # a multiple of 128 KiB: whole blocks
+        segment_bytes = max((size_mb << 20) // JOURNAL_SEGMENTS, 1 << 20)  # whole 128 KiB: whole blocks
         try:
             journal = Journal(self.root.parent / "journal", self.root, segment_bytes=segment_bytes,
                               segments=JOURNAL_SEGMENTS)  # fmt: skip
@@ -194,7 +194,8 @@ class Spool:
     def _restore(self, relative: str, payload: memoryview) -> str | None:
         """Write one file the journal replays (not fsynced: the journal does that), or refuse it."""
         parts = relative.split("/")
-        if not (len(parts) == 3 and parts[2].endswith(".dcm") and all(map(valid_uid, (*parts[:2], parts[2][:-4])))):
+        names = (*parts[:2], parts[-1].removesuffix(".dcm"))
+        if not (len(parts) == 3 and parts[2].endswith(".dcm") and all(map(valid_uid, names))):
             log.warning("journal record for %r is not a spool path; skipped", relative)
             return None
         folder = f"{self._root}/{parts[0]}/{parts[1]}"
@@ -381,8 +382,8 @@ class Spool:
                 self._write_file(encoded, size, name, reserved, info, sync=False)
             except OSError as exc:
                 journal.written(record, ok=False)
-                log.error("spool file for series %s not written (%s); it comes back from the journal "
-                          "at the next start", info.series_uid, exc)  # fmt: skip
+                log.error("spool file for series %s not written (%s); the journal writes it from its "
+                          "record later", info.series_uid, exc)  # fmt: skip
                 return durable
             journal.written(record)
         row = (
@@ -407,7 +408,14 @@ class Spool:
         return StoreResult(int(Status.SUCCESS), "", info, path, duplicate=old is not None)
 
     def _write_file(
-        self, encoded: Encoded, size: int, name: str, reserved: TempFile | None, info: InstanceInfo, *, sync: bool
+        self,
+        encoded: Encoded,
+        size: int,
+        name: str,
+        reserved: TempFile | None,
+        info: InstanceInfo,
+        *,
+        sync: bool,
     ) -> None:
         """Temp file, [fsync], rename, [fsync of the folder: the rename itself is durable]."""
         if reserved is None:

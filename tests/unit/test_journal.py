@@ -12,6 +12,7 @@ import pickle
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -48,8 +49,10 @@ def crash_after(data: Path, steps: list[tuple[str, object]], journal_mb: int = 8
     script = data.parent / "steps.pickle"
     script.write_bytes(pickle.dumps(steps))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-c", _CRASH, str(data), str(script), str(journal_mb)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    command = [sys.executable, "-c", _CRASH, str(data), str(script), str(journal_mb)]
+    done = subprocess.run(
+        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
     assert done.returncode == -9, done.stderr
 
 
@@ -112,13 +115,12 @@ def test_a_torn_record_and_what_follows_it_are_not_replayed(tmp_path: Path) -> N
     files = {ds.SOPInstanceUID: next((data / "spool").rglob(f"{ds.SOPInstanceUID}.dcm")) for ds in series}
     # Find the second record (in the segment in use: the one whose first record names our file)
     # and flip a byte of its payload: as if the crash came while it was being written.
-    segment, offset = None, journal_module._HEADER_BYTES
-    for path in (data / "journal").glob("segment-*.log"):
-        if str(files[series[0].SOPInstanceUID].relative_to(data / "spool")).encode() in path.read_bytes()[:8192]:
-            segment = path
-    assert segment is not None
-    first = journal_module._RECORD.size + len(str(files[series[0].SOPInstanceUID].relative_to(data / "spool")))
-    offset += journal_module._aligned(first + files[series[0].SOPInstanceUID].stat().st_size)
+    first_file = files[series[0].SOPInstanceUID]
+    first_path = str(first_file.relative_to(data / "spool"))
+    segments = (data / "journal").glob("segment-*.log")
+    segment = next(p for p in segments if first_path.encode() in p.read_bytes()[:8192])
+    first = journal_module._RECORD.size + len(first_path) + first_file.stat().st_size
+    offset = journal_module._HEADER_BYTES + journal_module._aligned(first)
     raw = bytearray(segment.read_bytes())
     raw[offset + journal_module._RECORD.size + 200] ^= 0xFF
     segment.write_bytes(bytes(raw))
@@ -127,7 +129,7 @@ def test_a_torn_record_and_what_follows_it_are_not_replayed(tmp_path: Path) -> N
     spool = Spool(data, journal_mb=8)
     restored = sorted(uid for uid, p in files.items() if p.exists())
     assert restored == [series[0].SOPInstanceUID]  # the scan stops at the torn record
-    assert files[series[0].SOPInstanceUID].read_bytes() == held[files[series[0].SOPInstanceUID]]
+    assert first_file.read_bytes() == held[first_file]
     spool.close()
 
 
@@ -230,7 +232,7 @@ def test_a_journal_write_error_refuses_the_instance_and_leaves_no_file(tmp_path:
     spool.close()
 
 
-def test_a_file_that_cannot_be_written_after_the_ack_comes_back_at_the_next_start(
+def test_a_file_that_cannot_be_written_after_the_ack_is_written_from_its_record(
     tmp_path: Path, monkeypatch, caplog
 ) -> None:
     spool = Spool(tmp_path / "data", journal_mb=8)
@@ -242,11 +244,37 @@ def test_a_file_that_cannot_be_written_after_the_ack_comes_back_at_the_next_star
     monkeypatch.setattr(os, "writev", full)
     result = spool.store(part10(ds), SENDER, session="s")
     assert result.ok and not result.path.exists()  # durable in the journal: the sender heard success
-    assert "comes back from the journal at the next start" in caplog.text
+    assert "the journal writes it from its record later" in caplog.text
     monkeypatch.undo()
-    spool.close()  # the segment with that record is kept, not re-armed
-    spool = Spool(tmp_path / "data", journal_mb=8)
-    assert result.path.read_bytes().endswith(part10(ds)[-len(ds.PixelData) :])
+    spool.close()  # the last checkpoint retires the segment: the file is written from the record first
+    assert result.path.read_bytes().endswith(ds.PixelData)
+
+
+def test_when_segments_cannot_be_retired_stores_are_refused_until_they_can(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from node.dicom.writer import SeriesInfo, series_datasets
+
+    monkeypatch.setattr(journal_module, "RETRY_SECONDS", 0.1)
+    series = series_datasets(ramp_volume(shape=(300, 128, 128)), SeriesInfo(uid_seed="stuck"))
+    spool = Spool(tmp_path / "data", journal_mb=8)  # ~28 of these slices per segment, 8 segments
+    broken = journal_module.Journal._make_durable
+
+    def failing(self, relatives):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(journal_module.Journal, "_make_durable", failing)
+    results = [spool.store(part10(ds), SENDER, session="s") for ds in series[:250]]
+    refused = [r for r in results if not r.ok]
+    assert 150 < results.index(refused[0]) < 250  # the journal filled up: no wait without end
+    reason = "spool cannot be written: journal cannot retire segments: [Errno 5] Input/output error"
+    assert {(r.status, r.reason) for r in refused} == {(Status.OUT_OF_RESOURCES, reason)}
+    monkeypatch.setattr(journal_module.Journal, "_make_durable", broken)  # the disk is back
+    deadline = time.monotonic() + 10  # the retirer tries again after RETRY_SECONDS
+    while not spool.store(part10(series[250]), SENDER, session="s").ok:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert all(spool.store(part10(ds), SENDER, session="s").ok for ds in series[251:])
     spool.close()
 
 
