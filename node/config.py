@@ -55,10 +55,12 @@ class IngestSection(_Section):
     quiet_seconds: float = Field(default=60.0, gt=0)
     #: Make each spooled instance durable before acknowledging it (off only for tests/benchmarks).
     fsync: bool = True
-    #: Size of the ingest journal (``<data_dir>/journal``): an instance is acknowledged after one
-    #: flush of its journal record, and its spool file is fsynced in the background. 0 = fsync each
-    #: file and its folder before acknowledging it instead (about twice the flushes).
-    journal_mb: int = Field(default=256, ge=0)
+    #: Size of the ingest journal (``<data_dir>/journal``, made at the first start): an instance is
+    #: acknowledged after one flush of its journal record, and its spool file is fsynced in the
+    #: background, once half the journal is in use or ingest is idle: a burst of half this size (a
+    #: 500-slice CT is 256 MiB) is taken at full speed. 0 = fsync each file and its folder before
+    #: acknowledging it instead (about twice the flushes).
+    journal_mb: int = Field(default=512, ge=0)
     #: Refuse instances (C-STORE 0xA700) when the spool's disk has less free space than this.
     min_free_mb: int = Field(default=100, ge=0)
     #: Retention: series handed on and idle for this many days are deleted from the spool (0 = keep).

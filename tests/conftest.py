@@ -25,7 +25,7 @@ from tests.servers import OrthancServer, RedisServer, ServerProcess, StoreSCP
 
 def pytest_configure(config: pytest.Config) -> None:
     # Every node a test starts (in this process or as a child) gets a 16 MiB ingest journal instead
-    # of 256 MiB: the same code, a fraction of the zeros written at each fresh start. The benchmarks
+    # of 512 MiB: the same code, a fraction of the zeros written at each fresh start. The benchmarks
     # (-m bench) measure the default.
     if config.option.markexpr.strip() != "bench":
         os.environ.setdefault("SEGNODE_INGEST__JOURNAL_MB", "16")

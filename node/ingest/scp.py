@@ -14,7 +14,7 @@ PS3.4 Annex A (Verification) and Annex B (Storage); PS3.7 9.1.1 and 9.3.1 (C-STO
   in ``allowed_calling_aets`` (calling-AE-title-not-recognized), another called AE title when
   ``require_called_aet`` (called-AE-title-not-recognized), and more than ``max_associations`` at
   once (rejected-transient, local-limit-exceeded).
-* The success status goes back only once the instance is fsynced into the spool; a bad instance gets
+* The success status goes back only once the instance is durable in the spool; a bad instance gets
   a failure status (0xA700, 0xA900, 0xC000, 0xC010) and the association goes on. Other requests
   (C-FIND, C-MOVE, N-*) get 0x0211 (unrecognized operation), and the association goes on too.
 * A PDU that breaks the protocol gets an A-ABORT (PS3.8 Table 9-26) and its connection is closed; an
@@ -347,9 +347,9 @@ class Association:
     def _store(self, command: dimse.Command, context_id: int, transfer_syntax: str, data: memoryview) -> None:
         """Write the data set as received into the spool and answer (PS3.4 B.2.3).
 
-        Success is answered from ``on_durable``: once the file and its folder are fsynced, while the
-        spool index and series completion are updated; the sender's next instance is on its way
-        meanwhile. Then the next temporary file is made in the same folder, still before the next
+        Success is answered from ``on_durable``: once the instance is durable (its journal record
+        flushed, or its file and folder fsynced), while the spool file, the spool index and series
+        completion are written; the sender's next instance is on its way meanwhile. Then the next temporary file is made in the same folder, still before the next
         instance has arrived.
         """
         if self._session is None:

@@ -164,7 +164,7 @@ class Spool:
     """Durable per-series storage of received instances (thread-safe: one per process and folder)."""
 
     def __init__(
-        self, data_dir: Path, *, fsync: bool = True, min_free_mb: int = 0, journal_mb: int = 256
+        self, data_dir: Path, *, fsync: bool = True, min_free_mb: int = 0, journal_mb: int = 512
     ) -> None:
         """``fsync`` false keeps nothing durable (tests, benchmarks); ``journal_mb`` is the ingest
         journal's size (0: fsync each file and its folder instead)."""
