@@ -105,7 +105,7 @@ class _Segment:
     #: Records whose spool file is still being written (retirement waits for them).
     writing: int = 0
     #: A file whose record is here could not be written: retirement writes it from the record.
-    kept: bool = False
+    missing_files: bool = False
 
 
 class Journal:
@@ -161,8 +161,8 @@ class Journal:
         """Replay the records left by a crash, then arm the segments and start the retirer.
 
         ``restore(relative_path, payload)`` writes one spool file (without fsync) and returns its
-        relative path, or None to skip a record it refuses; it is kept for files that could not be
-        written after their record (see :meth:`written`). Only the newest record of each file name
+        relative path, or None to skip a record it refuses; it is also used later for files that could
+        not be written after their record (see :meth:`written`). Only the newest record of each file name
         (SOP Instance UID) is replayed. The files and their folders are fsynced before any segment is
         re-armed. Returns the number of files restored.
         """
@@ -180,7 +180,7 @@ class Journal:
                 self._next_seq = max(self._next_seq, seq + 1)
                 for offset, length, relative in self._scan(segment, readers[id(segment)]):
                     key = relative.rsplit("/", 1)[-1]
-                    if key not in found or found[key][0] < seq:
+                    if key not in found or found[key][0] <= seq:  # later in a segment: newer too
                         found[key] = (seq, segment, offset, length, relative)
             restored = self._replay(found.values(), readers, restore)
         finally:
@@ -188,7 +188,7 @@ class Journal:
                 os.close(fd)
         self._make_durable(restored)
         if restored:
-            log.warning("journal: restored %d spool files that a crash left unsynced", len(restored))
+            log.warning("journal: %d spool files written again from records the last run left", len(restored))
         for segment in list(self._segments):
             if segment.size != self.segment_bytes:  # made with another size setting: make anew
                 os.close(segment.fd)
@@ -275,7 +275,7 @@ class Journal:
         """Give the segment a new nonce (older records stop counting) and make that durable."""
         segment.seq, self._next_seq = self._next_seq, self._next_seq + 1
         segment.nonce = secrets.randbits(64)
-        segment.end, segment.files, segment.kept = _HEADER_BYTES, set(), False
+        segment.end, segment.files, segment.missing_files = _HEADER_BYTES, set(), False
         head = _SEGMENT_HEADER.pack(_SEGMENT_MAGIC, segment.seq, segment.nonce, 0)[:-4]
         block = mmap.mmap(-1, _BLOCK)  # aligned, zeroed
         block[: len(head) + 4] = head + struct.pack("<I", zlib.crc32(head))
@@ -292,8 +292,8 @@ class Journal:
 
         The caller then writes the file (no fsync needed) and calls :meth:`written` with the value
         returned, so that the segment is not retired before the file exists. Raises OSError when the
-        record cannot be written or flushed (the caller refuses the instance)
-        and ValueError when it is larger than :attr:`max_payload` or the path is over 1 KiB.
+        record cannot be written or flushed (the caller refuses the instance), ValueError when the
+        payload is larger than :attr:`max_payload` or the path longer than 1 KiB.
         """
         path = relative.encode()
         length = sum(len(p) for p in parts)
@@ -332,7 +332,7 @@ class Journal:
         the record to the next start's replay)."""
         with self._changed:
             segment.writing -= 1
-            segment.kept |= not ok
+            segment.missing_files |= not ok
             self._changed.notify_all()
 
     def _commit(self, ticket: int) -> None:
@@ -425,9 +425,9 @@ class Journal:
         with self._changed:
             while segment.writing:
                 self._changed.wait()
-        if segment.kept:  # a file could not be written after its record: write it from the record now
+        if segment.missing_files:  # a file was not written after its record: write it from the record
             self._restore_missing(segment)
-            segment.kept = False
+            segment.missing_files = False
         self._make_durable(segment.files)
         self._arm(segment)
         with self._changed:

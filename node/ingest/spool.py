@@ -13,9 +13,9 @@ Every receiver calls :meth:`Spool.store` (through :class:`node.ingest.receiver.R
 adds series completion): the C-STORE SCP, the STOW-RS route, a file import.
 
 Two hooks let the C-STORE SCP keep work off the time a sender waits for its status, without moving
-the acknowledgement before the fsyncs: :meth:`Spool.reserve` makes the next temporary file while the
-association waits for the next instance, and ``on_durable`` answers as soon as the file is durable,
-before the index is updated.
+the acknowledgement before the instance is durable: :meth:`Spool.reserve` makes the next temporary
+file while the association waits for the next instance, and ``on_durable`` answers as soon as the
+instance is durable, before the file (with a journal) and the index are written.
 """
 
 from __future__ import annotations
@@ -365,13 +365,12 @@ class Spool:
                 reserved.discard()
             reason = f"less than {self.min_free_bytes >> 20} MB free in the spool"
             return StoreResult(int(Status.OUT_OF_RESOURCES), reason, info)
-        name = f"{info.sop_instance_uid}.dcm"
-        relative = f"{info.study_uid}/{info.series_uid}/{name}"
+        relative = f"{info.study_uid}/{info.series_uid}/{info.sop_instance_uid}.dcm"
         path = Path(self._root, relative)
         durable = StoreResult(int(Status.SUCCESS), "", info, path)
         journal = self._journal if self._journal is not None and size <= self._journal.max_payload else None
         if journal is None:
-            self._write_file(encoded, size, name, reserved, info, sync=self.fsync)
+            self._write_file(encoded, reserved, sync=self.fsync)
             self._announce(durable, on_durable)
         else:
             # One flush of the journal record makes it durable: the sender hears success while the
@@ -379,7 +378,7 @@ class Spool:
             record = journal.append(relative, [encoded.meta, encoded.body])
             self._announce(durable, on_durable)
             try:
-                self._write_file(encoded, size, name, reserved, info, sync=False)
+                self._write_file(encoded, reserved, sync=False)
             except OSError as exc:
                 journal.written(record, ok=False)
                 log.error("spool file for series %s not written (%s); the journal writes it from its "
@@ -407,20 +406,13 @@ class Spool:
                 pass
         return StoreResult(int(Status.SUCCESS), "", info, path, duplicate=old is not None)
 
-    def _write_file(
-        self,
-        encoded: Encoded,
-        size: int,
-        name: str,
-        reserved: TempFile | None,
-        info: InstanceInfo,
-        *,
-        sync: bool,
-    ) -> None:
+    def _write_file(self, encoded: Encoded, reserved: TempFile | None, *, sync: bool) -> None:
         """Temp file, [fsync], rename, [fsync of the folder: the rename itself is durable]."""
+        info = encoded.info
         if reserved is None:
             reserved = self._create_temp(info.study_uid, info.series_uid, info.sop_instance_uid)
         dir_fd, fd, temp = reserved.take()
+        size = len(encoded.meta) + len(encoded.body)
         try:
             try:
                 written = os.writev(fd, [encoded.meta, encoded.body])
@@ -433,7 +425,7 @@ class Spool:
                 raise
             finally:
                 os.close(fd)
-            os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            os.replace(temp, f"{info.sop_instance_uid}.dcm", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             if sync:
                 os.fsync(dir_fd)
         finally:
