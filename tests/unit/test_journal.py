@@ -81,6 +81,18 @@ def test_acknowledged_instances_come_back_byte_for_byte_after_a_power_loss(tmp_p
     spool.close()
 
 
+def test_the_last_copy_of_an_instance_sent_twice_is_the_one_replayed(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    first = datasets(1)[0]
+    second = datasets(1)[0]  # the same SOP Instance UID, other pixels
+    second.PixelData = bytes(len(first.PixelData))
+    crash_after(data, [("store", part10(first)), ("store", part10(second))])
+    [path] = (data / "spool").rglob("*.dcm")
+    held = lose_files([path])
+    Spool(data, journal_mb=8).close()
+    assert path.read_bytes() == held[path] and path.read_bytes().endswith(second.PixelData)
+
+
 def test_a_clean_close_leaves_nothing_to_replay(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "data", journal_mb=8)
     stored = spool.store(part10(datasets(1)[0]), SENDER, session="s")
