@@ -1,0 +1,101 @@
+"""The ``segnode`` command: one Typer app for every task the node offers.
+
+The commands live in one module per sub-app (``config``, ``rules``, ``weights``, ``xnat``, ``seg``,
+``outbox``) or per family of top-level commands (``volumes``, ``network``, ``artifacts``); their shared
+helpers in ``common``. This module builds the app and registers them all, in the order ``--help`` lists
+them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from node import __version__
+from node.cli.artifacts import blender_command, mesh_command, slices_command
+from node.cli.common import _State, out
+from node.cli.config import config_app
+from node.cli.network import listen_command, send_command, serve_command, viewer_command, worker_command
+from node.cli.outbox import outbox_app
+from node.cli.rules import rules_app
+from node.cli.seg import seg_app
+from node.cli.volumes import convert, phantom, run, volume_info
+from node.cli.weights import weights_app
+from node.cli.xnat import xnat_app
+
+app = typer.Typer(
+    name="segnode",
+    help="A DICOM segmentation node: receive series, segment them, send DICOM-SEG back.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"segnode {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    config: Annotated[
+        Optional[Path], typer.Option("--config", "-c", help="TOML config file (default: configs/node.toml).")
+    ] = None,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    _State.config_path = config
+
+
+app.command("phantom")(phantom)
+app.command("volume-info")(volume_info)
+app.command("convert")(convert)
+app.command("send")(send_command)
+app.command("listen")(listen_command)
+app.command("run")(run)
+app.command("serve")(serve_command)
+app.command("worker")(worker_command)
+app.command("viewer")(viewer_command)
+app.command("mesh")(mesh_command)
+app.command("slices")(slices_command)
+app.command("blender")(blender_command)
+
+app.add_typer(config_app, name="config")
+app.add_typer(rules_app, name="rules")
+app.add_typer(weights_app, name="weights")
+app.add_typer(xnat_app, name="xnat")
+app.add_typer(seg_app, name="seg")
+app.add_typer(outbox_app, name="outbox")
+
+
+#: Options that take several values, as TotalSegmentator's do: ``--roi_subset liver aorta``.
+_MULTI_VALUE_OPTIONS = ("--roi_subset",)
+
+
+def _expand_multi_value(argv: list[str]) -> list[str]:
+    """``--roi_subset a b`` -> ``--roi_subset a --roi_subset b`` (click takes one value per use)."""
+    expanded: list[str] = []
+    option, taken = None, 0
+    for arg in argv:
+        if arg in _MULTI_VALUE_OPTIONS:
+            option, taken = arg, 0
+        elif option is not None and not arg.startswith("-"):
+            if taken:
+                expanded.append(option)
+            taken += 1
+        else:
+            option = None
+        expanded.append(arg)
+    return expanded
+
+
+def main() -> None:
+    import sys
+
+    app(args=_expand_multi_value(sys.argv[1:]))
+

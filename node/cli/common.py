@@ -1,0 +1,72 @@
+"""What every ``segnode`` command shares: the consoles, the settings, errors, progress, volume loading."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from node.config import ConfigError, Settings, load_settings
+
+out = Console()
+err = Console(stderr=True)
+
+
+class _State:
+    config_path: Optional[Path] = None
+
+
+def settings() -> Settings:
+    """The effective settings; an invalid config ends the command with one line and exit 2."""
+    try:
+        return load_settings(_State.config_path)
+    except ConfigError as exc:
+        err.print(f"[red]config error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+@contextmanager
+def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A Rich progress bar; yields ``update(done, total)``."""
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err, transient=True, disable=not err.is_terminal,
+    ) as progress:
+        task = progress.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        yield update
+
+
+def _start_logging(config: Settings) -> None:
+    import logging
+
+    logging.basicConfig(level=config.node.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _load_volume(path: Path, series: Optional[str]):
+    from node.dicom.series import VolumeError, read_series
+    from node.nifti import read_nifti
+
+    if path.name.endswith((".nii", ".nii.gz")):
+        return read_nifti(path)
+    try:
+        with progress_bar(f"Reading {path.name}") as update:
+            return read_series(
+                path, series, spacing_tolerance=settings().volume.spacing_tolerance, progress=update
+            )
+    except VolumeError as exc:
+        raise fail(f"{path}: {exc} [{exc.code}]") from None

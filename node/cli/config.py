@@ -1,0 +1,42 @@
+"""``segnode config``: show or check the node's configuration."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from node.cli.common import out, settings
+from node.config import masked_dict
+
+config_app = typer.Typer(help="Show or check the node's configuration.", no_args_is_help=True)
+
+
+@config_app.command("show")
+def config_show(
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of TOML.")] = False,
+) -> None:
+    """Print the effective configuration (file + SEGNODE_* environment), secrets masked."""
+    import tomli_w
+
+    data = masked_dict(settings())
+    if as_json:
+        out.print_json(json.dumps(data))
+        return
+
+    def drop_none(value):
+        if isinstance(value, dict):
+            return {k: drop_none(v) for k, v in value.items() if v is not None}
+        if isinstance(value, list):
+            return [drop_none(v) for v in value]
+        return value
+
+    typer.echo(tomli_w.dumps(drop_none(data)), nl=False)
+
+
+@config_app.command("check")
+def config_check() -> None:
+    """Validate the configuration; exit 2 with the bad key and value if it is invalid."""
+    settings()
+    out.print("config ok")

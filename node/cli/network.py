@@ -1,0 +1,130 @@
+"""The node on the network: ``send``, ``listen``, ``serve``, ``worker`` and ``viewer``.
+
+Top-level commands: ``node/cli/__init__.py`` registers them on the app, in ``--help``'s order.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from node.cli.common import _start_logging, fail, out, progress_bar, settings
+
+
+def send_command(
+    path: Annotated[Path, typer.Argument(help="A folder, zip or file of DICOM.")],
+    to: Annotated[str, typer.Option("--to", help="The receiving C-STORE SCP as HOST:PORT.")],
+    aet: Annotated[str, typer.Option("--aet", help="Called AE title (the receiver's).")] = "ANY-SCP",
+    calling_aet: Annotated[str, typer.Option("--calling-aet", help="Our AE title.")] = "SEGNODE",
+) -> None:
+    """Send DICOM files to a C-STORE SCP (this node, a PACS, Orthanc) and print the status counts."""
+    from pynetdicom import _config as pynetdicom_config
+    from pynetdicom.status import code_to_category
+
+    from node.ingest.send import send
+
+    host, _, port = to.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise fail(f"--to must be HOST:PORT, got {to!r}", 2)
+    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True  # send each file's bytes as they are
+    try:
+        with progress_bar(f"Sending to {to}") as update:
+            report = send(path, host, int(port), called_aet=aet, calling_aet=calling_aet, progress=update)
+    except FileNotFoundError as exc:
+        raise fail(str(exc), 2) from None
+    for status, count in sorted(report.statuses.items()):
+        out.print(f"0x{status:04X} {code_to_category(status).lower():<8} {count}", highlight=False)
+    if report.not_accepted:
+        out.print(f"not accepted by the receiver (SOP class/transfer syntax): {len(report.not_accepted)}")
+    if report.not_dicom:
+        out.print(f"skipped, not DICOM: {len(report.not_dicom)}")
+    if report.error:
+        raise fail(f"{to}: {report.error}")
+    if report.failed:
+        raise typer.Exit(1)
+
+
+def listen_command(
+    port: Annotated[Optional[int], typer.Option(help="Port (default: \\[dicom] port; 0 = any free one).")] = None,
+    aet: Annotated[Optional[str], typer.Option("--aet", help="Our AE title (default: \\[dicom] ae_title).")] = None,
+) -> None:
+    """Run the DICOM listener in the foreground: store into the spool, print each series that is ready."""
+    import logging
+    import signal
+    import threading
+
+    from node.ingest.scp import serve_forever, start_listener
+
+    config = settings()
+    if aet:
+        config.dicom.ae_title = aet
+    logging.basicConfig(level=config.node.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def ready(event) -> None:
+        fields = ("series_uid", "reason", "instance_count", "generation", "modality", "is_image")
+        typer.echo(json.dumps({"ready": {k: getattr(event, k) for k in fields}, "folder": str(event.folder)}))
+
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        listener = start_listener(config, ready, port=port)
+    except (OSError, ValueError) as exc:
+        raise fail(f"cannot listen: {exc}") from None
+    typer.echo(f"listening as {config.dicom.ae_title} on {config.dicom.host}:{listener.port}", err=True)
+    serve_forever(listener, stop)
+
+
+def serve_command() -> None:
+    """Run the node: DICOM listener, HTTP API with STOW-RS, and job workers (until Ctrl-C/SIGTERM)."""
+    from node.rules import RulesError
+    from node.serve import ServeError, serve
+
+    config = settings()
+    _start_logging(config)
+    try:
+        serve(config)
+    except (ServeError, RulesError) as exc:
+        raise fail(str(exc), 2) from None
+    except OSError as exc:  # a port in use, an unwritable data folder
+        raise fail(f"cannot start: {exc}") from None
+
+
+def worker_command() -> None:
+    """Run extra job workers on the Redis queue (queue backend "redis"), e.g. on a GPU machine."""
+    from node.serve import ServeError, work
+
+    config = settings()
+    _start_logging(config)
+    try:
+        work(config)
+    except ServeError as exc:
+        raise fail(str(exc), 2) from None
+
+
+def viewer_command(
+    dicomweb: Annotated[Optional[str], typer.Option(
+        help="DICOMweb root to review (default: \\[orthanc] url + dicomweb_root, with its credentials).")] = None,
+    ohif_dist: Annotated[Optional[Path], typer.Option(help="OHIF's dist/ (default: what make setup fetched).")] = None,
+    username: Annotated[str, typer.Option(help="Basic user for --dicomweb.")] = "",
+    password: Annotated[str, typer.Option(envvar="SEGNODE_VIEWER_PASSWORD", show_default=False)] = "",
+    host: str = "127.0.0.1",
+    port: int = 3000,
+) -> None:
+    """Review results in OHIF: its viewer, with a DICOMweb server behind a same-origin proxy (no CORS)."""
+    from node.web.viewer import DEFAULT_DIST, ViewerError, serve_viewer
+
+    if dicomweb is None:
+        orthanc = settings().orthanc
+        if not orthanc.url:
+            raise fail("no DICOMweb server: give --dicomweb, or set [orthanc] url", 2)
+        dicomweb = orthanc.url.rstrip("/") + orthanc.dicomweb_root
+        username, password = orthanc.username, orthanc.password.get_secret_value()
+    try:
+        serve_viewer(ohif_dist or DEFAULT_DIST, dicomweb, host=host, port=port, username=username,
+                     password=password)
+    except ViewerError as exc:
+        raise fail(str(exc), 2) from None
