@@ -18,13 +18,13 @@ from typing import Any
 
 import requests
 from starlette.applications import Starlette
-from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import Receive, Scope, Send
 
 OHIF_VERSION = "3.13.2"
 #: Where ``scripts/setup.sh`` extracts OHIF's ``dist/`` in a checkout.
@@ -102,9 +102,23 @@ class _Proxy:
         if request.method == "HEAD":
             upstream.close()
             return Response(status_code=upstream.status_code, headers=answer)
-        chunks = upstream.raw.stream(_CHUNK, decode_content=False)
-        return StreamingResponse(chunks, upstream.status_code, answer,
-                                 background=BackgroundTask(upstream.close))
+        return _Streamed(upstream, answer)
+
+
+class _Streamed(StreamingResponse):
+    """The archive's answer streamed back as it comes, and closed however the streaming ends: all sent,
+    the browser gone (a disconnect message, or a send that fails), the archive failing mid-answer, or the
+    task cancelled; never left to garbage collection with its connection."""
+
+    def __init__(self, upstream: requests.Response, headers: dict[str, str]):
+        super().__init__(upstream.raw.stream(_CHUNK, decode_content=False), upstream.status_code, headers)
+        self.upstream = upstream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:  # synchronous: no await may run here once the task is cancelled; no read is under way
+            self.upstream.close()
 
 
 def create_viewer_app(dist: Path | str, dicomweb: str, *, username: str = "", password: str = "",

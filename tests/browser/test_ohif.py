@@ -32,12 +32,11 @@ from PIL import Image
 from node.dicom.codes import cielab_to_rgb
 from node.dicom.seg import parse_seg
 from node.nifti import read_nifti
-from node.phantom import CLASSES, TINY, write_phantom
-from node.pipeline import PipelineRequest, run_pipeline
-from node.segment import SegmentRequest
+from node.phantom import CLASSES
 from node.volume import Volume
 from node.web.viewer import DEFAULT_DIST, OHIF_VERSION, create_viewer_app
 from tests.integration.test_outbox import PASSWORD, USER, SecureOrthanc
+from tests.phantom_seg import phantom_seg
 from tests.servers import serve_in_thread
 
 OHIF_DIST = Path(os.environ.get("SEGNODE_OHIF_DIST", DEFAULT_DIST))
@@ -123,11 +122,7 @@ def ohif_dist() -> Path:
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory, ohif_dist: Path, _exiting_servers) -> Iterator[Study]:
     tmp = tmp_path_factory.mktemp("ohif")
-    phantom = write_phantom(TINY, tmp / "phantom")
-    request = PipelineRequest(segment=SegmentRequest(engine="labelmap", labels_path=phantom["labels"]),
-                              outputs=("seg",))
-    run = run_pipeline(phantom["dicom"], tmp / "run", request)
-    assert run.ok, run.error
+    phantom, run = phantom_seg(tmp)
     seg_path = run.paths["seg"]
     parsed = parse_seg(seg_path)
     assert parsed.segmentation_type == "BINARY"

@@ -28,10 +28,9 @@ from node.dicom.codes import segment_codes
 from node.dicom.seg import SegOptions, parse_seg, read_seg, write_seg
 from node.dicom.series import read_series
 from node.dicom.writer import SeriesInfo, write_series
-from node.phantom import TINY, make_phantom, write_phantom
-from node.pipeline import PipelineRequest, run_pipeline
-from node.segment import SegmentRequest
+from node.phantom import TINY, make_phantom
 from node.volume import Geometry, Volume
+from tests.phantom_seg import phantom_seg
 from tests.unit.test_series import oblique_direction
 
 pytestmark = pytest.mark.integration
@@ -46,11 +45,7 @@ def segs(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, Path, Path
     """(name, SEG, source folder, labels) for the SEGs checked: the pipeline's on the phantom, one
     segment, a superseding version, and one on a real CT (dcmqi's GE liver slices)."""
     tmp = tmp_path_factory.mktemp("seg")
-    phantom = write_phantom(TINY, tmp / "phantom")
-    request = PipelineRequest(segment=SegmentRequest(engine="labelmap", labels_path=phantom["labels"]),
-                              outputs=("seg",))
-    run = run_pipeline(phantom["dicom"], tmp / "run", request)
-    assert run.ok, run.error
+    phantom, run = phantom_seg(tmp)
     labels = LabelVolume(run.labels.array, run.labels.geometry, source=run.ct.source,
                          classes=run.labels.classes)
     out = [("phantom", run.paths["seg"], phantom["dicom"], labels)]

@@ -1,7 +1,8 @@
 """``segnode viewer`` (node/web/viewer.py) over real HTTP: OHIF's files with single-page-app fallback, our
 ``app-config.js``, and the same-origin DICOMweb proxy (credentials added, query, headers and multipart
 answers passed through as they are). A small Starlette app on loopback stands in for Orthanc here; the
-browser test (tests/browser/test_ohif.py) runs the real OHIF against a real Orthanc.
+browser test (tests/browser/test_ohif.py) runs the real OHIF against a real Orthanc. How a streamed answer
+ends (the browser leaving, the archive failing) is played by calling the viewer's ASGI app directly.
 """
 
 from __future__ import annotations
@@ -11,14 +12,17 @@ import json
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
+import requests
+import urllib3
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from node.web.viewer import app_config, create_viewer_app
@@ -31,6 +35,8 @@ BOUNDARY = "segnode-test-boundary"
 MULTIPART = f"multipart/related; type=\"application/dicom\"; boundary={BOUNDARY}"
 BODY = f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + bytes(range(256)) * 1000 + (
     f"\r\n--{BOUNDARY}--\r\n".encode())
+#: What ``/frames`` streams, one frame at a time (``/broken`` fails after the first frame).
+FRAME, FRAMES = bytes(range(256)) * 256, 16
 
 
 @pytest.fixture
@@ -43,7 +49,16 @@ def upstream() -> Iterator[tuple[str, list[dict]]]:
                      "headers": dict(request.headers), "body": await request.body()})
         if request.url.path.endswith("/missing"):
             return Response(b'{"error": "no such study"}', 404, media_type="application/json")
+        if request.url.path.endswith(("/frames", "/broken")):
+            return StreamingResponse(frames(broken=request.url.path.endswith("/broken")), 200,
+                                     media_type="application/octet-stream")
         return Response(BODY, 200, media_type=MULTIPART)
+
+    async def frames(broken: bool) -> AsyncIterator[bytes]:
+        for n in range(FRAMES):
+            if broken and n == 1:  # the connection is dropped mid-answer (uvicorn closes it)
+                raise ConnectionResetError("the archive fell over")
+            yield FRAME
 
     app = Starlette(routes=[Route("/dicom-web/{path:path}", anything, methods=["GET", "POST"])])
     with serve_in_thread(app) as url:
@@ -114,6 +129,84 @@ def test_the_proxy_adds_credentials_and_passes_everything_else_through(dist: Pat
     assert get["headers"]["forwarded"] == f"proto=http;host={url.removeprefix('http://')}"
     assert (post["method"], post["path"], post["body"]) == ("POST", "/dicom-web/studies", b"\x00DICM")
     assert post["headers"]["content-type"] == MULTIPART
+
+
+@pytest.fixture
+def closed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The URL of each archive answer that is closed (``requests.Response.close``, which garbage
+    collection never calls), in order."""
+    urls: list[str] = []
+    close = requests.Response.close
+
+    def recording(self: requests.Response) -> None:
+        urls.append(self.url)
+        close(self)
+
+    monkeypatch.setattr(requests.Response, "close", recording)
+    return urls
+
+
+async def browse(app, path: str, spec: str, leaves: str | None) -> tuple[list[bytes], BaseException | None]:
+    """One GET of ``path`` through ``app`` run as an ASGI server of ``spec_version`` ``spec`` runs it; the
+    browser reads the body's first chunk and then, by ``leaves``: None, stays to the end; ``"disconnect"``,
+    hangs up (the server's next ``receive`` says so); ``"send fails"``, hangs up (the server's next
+    ``send`` raises OSError, as ASGI 2.4 servers do); ``"cancel"``, the server cancels the request's task.
+    Returns the body chunks the browser got and what the app raised."""
+    chunks: list[bytes] = []
+    gone = anyio.Event()
+    requested = False
+
+    async def receive() -> dict:
+        nonlocal requested
+        if not requested:
+            requested = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        if message["type"] != "http.response.body" or not message["body"]:
+            return
+        if chunks and leaves == "send fails":
+            raise OSError("the browser hung up")
+        chunks.append(message["body"])
+        if leaves == "disconnect":
+            gone.set()
+        elif leaves == "cancel":
+            task.cancel()
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": spec}, "http_version": "1.1",
+             "method": "GET", "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "root_path": "", "headers": [(b"host", b"viewer.test")], "server": ("viewer.test", 80),
+             "client": ("127.0.0.1", 50000)}
+    raised = None
+    with anyio.CancelScope() as task:
+        try:
+            await app(scope, receive, send)
+        except (ClientDisconnect, urllib3.exceptions.HTTPError) as exc:  # what a server gets from the app
+            raised = exc
+    return chunks, raised
+
+
+@pytest.mark.parametrize(("name", "spec", "leaves"), [
+    ("frames", "2.3", None), ("frames", "2.3", "disconnect"), ("frames", "2.4", "send fails"),
+    ("frames", "2.3", "cancel"), ("broken", "2.3", None)])
+def test_the_archive_answer_is_closed_however_the_stream_ends(dist: Path, upstream, closed: list[str],
+                                                               name: str, spec: str, leaves: str | None) -> None:
+    root, _ = upstream
+    app = create_viewer_app(dist, root)
+    chunks, raised = anyio.run(browse, app, f"/dicom-web/{name}", spec, leaves)
+    assert closed == [f"{root}/{name}"]  # closed once, by the proxy, before the request ended
+    body = b"".join(chunks)
+    assert chunks and body == (FRAME * FRAMES)[:len(body)]  # streamed: the first chunk came through
+    if name == "broken":  # the archive dropped the connection: the answer is cut short, the error raised
+        assert len(body) < len(FRAME) * FRAMES
+        assert isinstance(raised, urllib3.exceptions.ProtocolError)
+    elif leaves is None:
+        assert (body, raised) == (FRAME * FRAMES, None)
+    else:  # the browser left after the first chunk (an ASGI 2.4 server's failed send raises ClientDisconnect)
+        assert len(chunks) == 1 and len(body) < len(FRAME) * FRAMES
+        assert isinstance(raised, ClientDisconnect) if leaves == "send fails" else raised is None
 
 
 def test_an_unreachable_server_is_a_502(dist: Path) -> None:
