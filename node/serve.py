@@ -154,7 +154,8 @@ def serve(settings: Settings, *, on_started: Callable[[], None] | None = None) -
         threading.Thread(target=_watch_orphans, args=(store, queue.enqueue, settings.queue.stale_after_s, stop),
                          name="segnode-orphans", daemon=True).start()
         listener = Listener(settings.dicom, receiver).start()
-        app = create_app(AppContext(settings, store, queue.enqueue, receiver, outbox=outbox))
+        app = create_app(AppContext(settings, store, queue.enqueue, receiver, outbox=outbox,
+                                    ingest_problem=receiver.spool.problem))  # fmt: skip
         app.router.routes.extend(OrthancIntake(settings, receiver).routes())  # the Orthanc plugin's hand-off
         config = uvicorn.Config(app, host=settings.http.host, port=settings.http.port, log_config=None,
                                 lifespan="off", timeout_graceful_shutdown=10)

@@ -346,6 +346,12 @@ class Journal:
                 _fdatasync(segment.fd)
             self._synced = target
 
+    @property
+    def problem(self) -> str | None:
+        """Why segments cannot be retired right now (stores are refused once all are full), or None."""
+        error = self._error
+        return None if error is None else f"journal cannot retire segments: {error}"
+
     def _segment_for(self, size: int) -> _Segment:
         """The segment the next ``size`` bytes go to (called with the write lock held)."""
         current = self._current
@@ -387,7 +393,6 @@ class Journal:
                     self.checkpoint()
                 else:
                     self._retire_full()
-                self._error = None
             except OSError as exc:  # disk full or failing: writers waiting for a segment hear it
                 log.error("journal: cannot retire a segment (%s); trying again in %g s", exc, RETRY_SECONDS)
                 with self._changed:
@@ -432,6 +437,7 @@ class Journal:
         self._arm(segment)
         with self._changed:
             self._free.append(segment)
+            self._error = None  # retiring works (again)
             self._changed.notify_all()
 
     def _restore_missing(self, segment: _Segment) -> None:

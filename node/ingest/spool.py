@@ -224,6 +224,11 @@ class Spool:
                     Path(f"{path}{suffix}").unlink(missing_ok=True)
         raise AssertionError("unreachable")
 
+    def problem(self) -> str | None:
+        """What keeps the spool from storing right now, for ``/healthz``; None when nothing does."""
+        journal = self._journal
+        return None if journal is None or journal.problem is None else f"spool {journal.problem}"
+
     def close(self) -> None:
         """Make every file durable by itself (journal checkpoint) and close the index."""
         if self._journal is not None:

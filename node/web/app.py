@@ -1,7 +1,7 @@
 """The node's HTTP app (Starlette): job and series API, STOW-RS, health and metrics.
 
 =============================  ============================================================
-``GET  /healthz``              liveness (no authentication)
+``GET  /healthz``              liveness (no authentication); 503: job store or spool unusable
 ``GET  /metrics``              Prometheus text format
 ``GET  /api/series``           series the router saw, newest first, with its decision and job
 ``GET  /api/jobs``             jobs, newest first (``?state=failed&limit=50&offset=0``)
@@ -57,6 +57,8 @@ class AppContext:
     #: The node's outbox (:class:`node.export.Outbox`): the dashboard shows it, the editor queues
     #: corrections on it. None: corrections stay in ``<data_dir>/corrections``.
     outbox: Any = None
+    #: What keeps ingest from storing right now (``Spool.problem``), reported by ``/healthz``.
+    ingest_problem: Callable[[], str | None] = lambda: None
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -93,6 +95,9 @@ def create_app(ctx: AppContext) -> Starlette:
         except Exception as exc:
             log.error("health check: job store unreachable: %s", exc)
             return JSONResponse({"status": "error", "detail": "job store unreachable"}, status_code=503)
+        problem = ctx.ingest_problem()
+        if problem is not None:
+            return JSONResponse({"status": "error", "detail": problem}, status_code=503)
         return JSONResponse({"status": "ok", "version": __version__})
 
     def metrics_text(request: Request) -> Response:

@@ -114,6 +114,19 @@ def test_retry_a_failed_job(node, tmp_path: Path) -> None:
         assert f"# TYPE {name} counter" in text
 
 
+def test_healthz_is_503_while_ingest_cannot_store(tmp_path: Path) -> None:
+    settings = Settings(node={"data_dir": tmp_path / "data"})
+    store = open_store(settings)
+    problems = ["spool journal cannot retire segments: [Errno 28] No space left on device"]
+    app = create_app(AppContext(settings, store, lambda *a: None, ingest_problem=lambda: problems[-1]))
+    with serve_in_thread(app) as url, client(url) as http:
+        response = http.get("/healthz")
+        assert (response.status_code, response.json()) == (503, {"status": "error", "detail": problems[0]})
+        problems.append(None)  # the disk has room again
+        assert http.get("/healthz").json()["status"] == "ok"
+    store.close()
+
+
 def test_open_api_without_tokens(tmp_path: Path) -> None:
     settings = Settings(node={"data_dir": tmp_path / "data"})
     store = open_store(settings)

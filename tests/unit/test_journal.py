@@ -281,12 +281,14 @@ def test_when_segments_cannot_be_retired_stores_are_refused_until_they_can(
     assert 150 < results.index(refused[0]) < 250  # the journal filled up: no wait without end
     reason = "spool cannot be written: journal cannot retire segments: [Errno 5] Input/output error"
     assert {(r.status, r.reason) for r in refused} == {(Status.OUT_OF_RESOURCES, reason)}
+    assert spool.problem() == "spool journal cannot retire segments: [Errno 5] Input/output error"
     monkeypatch.setattr(journal_module.Journal, "_make_durable", broken)  # the disk is back
     deadline = time.monotonic() + 10  # the retirer tries again after RETRY_SECONDS
     while not spool.store(part10(series[250]), SENDER, session="s").ok:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert all(spool.store(part10(ds), SENDER, session="s").ok for ds in series[251:])
+    assert spool.problem() is None
     spool.close()
 
 
