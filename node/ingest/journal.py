@@ -245,7 +245,7 @@ class Journal:
 
     def _create(self) -> _Segment:
         """A new segment file, every block written once and flushed: later flushes carry no metadata.
-        Written past the page cache where possible, so that 256 MiB of zeros do not crowd it."""
+        Written past the page cache where possible, so that the zeros do not crowd it."""
         taken = {s.path.name for s in self._segments}
         name = next(n for i in range(len(taken) + 1) if (n := f"segment-{i:02d}.log") not in taken)
         path = self.folder / name
@@ -255,8 +255,9 @@ class Journal:
         zeros = mmap.mmap(-1, 1 << 20)  # aligned, zeroed
         try:
             left = self.segment_bytes
-            while left:
-                left -= os.write(fd, memoryview(zeros)[: min(left, len(zeros))])
+            with memoryview(zeros) as view:
+                while left:
+                    left -= os.write(fd, view[: min(left, len(zeros))])
             os.fsync(fd)
             os.rename(temp, path)
             _fsync_path(str(self.folder), os.O_RDONLY | os.O_DIRECTORY)
