@@ -34,7 +34,7 @@ from node.jobs import Router, open_store, reconcile
 from node.jobs.queue import JobQueue, make_huey
 from node.jobs.store import JobStore
 from node.jobs.worker import Hook, JobRunner
-from node.web import metrics
+from node import metrics
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from node.config import Settings
 from node.ingest import SeriesReady
 from node.jobs.store import Job, JobStore, RedisBackend, SqliteBackend, dead_on_this_host, new_job_id
 from node.rules import Decision, Rule, destinations_of, load_rules, read_facts, route
-from node.web import metrics
+from node import metrics
 
 log = logging.getLogger(__name__)
 

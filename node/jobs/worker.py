@@ -35,7 +35,7 @@ from typing import Any
 from node.config import Settings
 from node.errors import NodeError
 from node.jobs.store import Job, JobStore, worker_id
-from node.web import metrics
+from node import metrics
 
 log = logging.getLogger(__name__)
 

@@ -1,1 +1,1 @@
-"""The node's HTTP side: the API (:mod:`.app`), STOW-RS (:mod:`.stow`), auth and metrics."""
+"""The node's HTTP side: the API (:mod:`.app`), STOW-RS (:mod:`.stow`), auth; /metrics renders :mod:`node.metrics`."""

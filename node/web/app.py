@@ -36,7 +36,7 @@ from starlette.routing import Route
 from node import __version__
 from node.config import Settings
 from node.jobs.store import STATES, JobStore
-from node.web import metrics
+from node import metrics
 from node.web.annotations import AnnotationLog
 from node.web.auth import TokenAuth
 from node.web.dashboard import Dashboard, PublicPages

@@ -1,4 +1,6 @@
-"""Prometheus metrics (text format at ``GET /metrics``).
+"""Prometheus metrics: the one registry that ingest, jobs, workers and the HTTP app all count in
+(served as text at ``GET /metrics`` by :mod:`node.web.app`). It sits below all of them and imports
+none, so the layers' imports point down.
 
 Counters and histograms live in this process: ingest and in-process workers update them. Jobs by
 state are read from the job store at scrape time, so they include jobs run by other workers.
