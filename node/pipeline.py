@@ -20,7 +20,10 @@ Bad input never raises: a :class:`~node.dicom.series.VolumeError` or
 and message in ``report.json`` and in the returned :class:`PipelineResult`. So does a bug
 (code ``internal_error``; its traceback goes to the log, not to the report).
 
-Writing a post-processing stage::
+Writing a post-processing stage (the contract is :mod:`node.stages`; a stage imports from there, never
+from here)::
+
+    from node.stages import PipelineContext, StageSkipped
 
     def liver_vessels(ctx: PipelineContext) -> None:
         liver = ctx.mask("liver")                     # union of the named classes
@@ -46,9 +49,9 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -56,9 +59,17 @@ from typing import Any, Literal
 import numpy as np
 
 from node import __version__
-from node.classes import Code, LabelClass, LabelVolume
+from node.classes import Code, LabelVolume
 from node.errors import NodeError
 from node.segment import SegmentationError, SegmentRequest
+from node.stages import (  # the stage contract; re-exported for callers of the pipeline
+    PipelineContext,
+    PipelineRequest,
+    ProgressCallback,
+    ProgressEvent,
+    Stage,
+    StageSkipped,
+)
 from node.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -70,9 +81,6 @@ OUTPUTS = {
 }
 #: Distributions whose versions go into the report (absent ones are left out; none is imported).
 VERSIONED = ("numpy", "scipy", "pydicom", "nibabel", "torch", "TotalSegmentator", "nnunetv2", "highdicom")
-
-#: A post-processing stage: reads and changes the context (labels, classes, QC, artifacts).
-Stage = Callable[["PipelineContext"], None]
 
 #: Stages by the names rules and the CLI use ("module:attribute", imported when first used).
 STAGES: dict[str, str] = {
@@ -94,44 +102,6 @@ STANDARD_OUTPUTS = ("labels", "nifti", "classes", "stats", "report")
 #: (meshes, slices, Blender), and each is announced (a ``ProgressEvent`` of status ``output``) as
 #: soon as it exists, so that the worker hands it to the outbox while the run goes on.
 DELIVERED_OUTPUTS = ("seg",)
-
-
-class StageSkipped(Exception):
-    """Raised by a stage that does not apply to this input; recorded with its reason, the run goes on."""
-
-
-@dataclass(frozen=True)
-class ProgressEvent:
-    """What the pipeline is doing, for progress displays and job heartbeats."""
-
-    stage: str
-    #: ``output``: the stage wrote ``path`` (the artifact named ``message``), final, ready to deliver.
-    status: Literal["started", "progress", "done", "skipped", "failed", "output"]
-    done: int | None = None
-    total: int | None = None
-    seconds: float | None = None
-    message: str = ""
-    path: Path | None = None
-
-
-ProgressCallback = Callable[[ProgressEvent], None]
-
-
-@dataclass(frozen=True)
-class PipelineRequest:
-    """Everything a run needs besides its input and output folder."""
-
-    segment: SegmentRequest = field(default_factory=SegmentRequest)
-    #: Which series of a DICOM folder holding several.
-    series_uid: str | None = None
-    #: Allowed deviation of a slice step from the median step (see ``[volume]`` in the config).
-    spacing_tolerance: float = 0.01
-    #: Post-processing stages in order: callables, or names from :data:`STAGES`.
-    post: tuple[str | Stage, ...] = ()
-    #: Options per stage name, e.g. ``{"liver_vessels": {"min_component_size": 50}}``.
-    stage_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    #: Extra outputs by name (:data:`OUTPUT_STAGES`), e.g. ``("seg", "meshes")``.
-    outputs: tuple[str, ...] = ()
 
 
 def request_from_settings(
@@ -176,63 +146,6 @@ def request_from_settings(
         stage_options=dict(stage_options or {}),
         outputs=tuple(o for o in outputs if o not in STANDARD_OUTPUTS),
     )
-
-
-@dataclass
-class PipelineContext:
-    """What post-processing stages read and change."""
-
-    ct: Volume
-    labels: LabelVolume
-    request: PipelineRequest
-    outdir: Path
-    #: The DICOM folder/zip/file the CT came from (None for a NIfTI or in-memory input).
-    source_path: Path | None = None
-    #: The headers (pixel data dropped) of the CT's DICOM instances, read once by the load stage;
-    #: the DICOM-SEG references them (None: read them from ``source_path``).
-    source_headers: list[Any] | None = None
-    #: QC and stage metadata by stage name; goes into report.json as ``qc``.
-    qc: dict[str, dict[str, Any]] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    #: Extra files written by stages (name -> path inside outdir); listed in the report.
-    artifacts: dict[str, Path] = field(default_factory=dict)
-    #: The name of the stage now running.
-    stage: str = ""
-
-    @property
-    def options(self) -> dict[str, Any]:
-        """This stage's options (``request.stage_options[stage]``)."""
-        return dict(self.request.stage_options.get(self.stage, {}))
-
-    def ids(self, *names: str) -> list[int]:
-        """Label ids of the classes called ``names`` (absent names are left out)."""
-        wanted = set(names)
-        return sorted(i for i, c in self.labels.classes.items() if c.name in wanted)
-
-    def mask(self, *names: str) -> np.ndarray:
-        """Boolean mask of the union of the classes called ``names``."""
-        return np.isin(self.labels.array, self.ids(*names))
-
-    def paint(self, mask: np.ndarray, label_class: LabelClass) -> None:
-        """Give ``label_class.id`` to the voxels of ``mask`` and put the class in the table."""
-        if mask.shape != self.labels.array.shape:
-            raise ValueError(f"mask shape {mask.shape} is not the label grid {self.labels.array.shape}")
-        if label_class.id > np.iinfo(self.labels.array.dtype).max:
-            self.labels.array = self.labels.array.astype(np.uint16)
-        self.labels.array[mask] = label_class.id
-        self.labels.classes[label_class.id] = label_class
-
-    def record(self, **values: Any) -> None:
-        """Add QC values for the running stage (``report.json`` ``qc.<stage>``)."""
-        self.qc.setdefault(self.stage, {}).update(values)
-
-    def write_nifti(self, name: str, volume: Volume) -> Path:
-        """Write an extra NIfTI artifact into the output folder and list it in the report."""
-        from node.nifti import write_nifti
-
-        path = write_nifti(volume, self.outdir / name)
-        self.artifacts[name] = path
-        return path
 
 
 @dataclass(frozen=True)
@@ -414,14 +327,24 @@ def run_pipeline(
 
 
 def _output(name: str, ctx: PipelineContext, run: _Run) -> None:
-    """Output stage ``name``; each artifact it adds is announced (status ``output``) once written."""
+    """Output stage ``name``; each artifact it adds is announced (status ``output``) once written: at
+    once through :meth:`PipelineContext.add_output`, else when the stage ends."""
     before = dict(ctx.artifacts)
-    with run.stage(name):
-        ctx.stage = name
-        _resolve(name, OUTPUT_STAGES, "output")(ctx)
-    ctx.stage = ""
+    announced: set[str] = set()
+
+    def announce(stage: str, key: str, path: Path) -> None:
+        announced.add(key)
+        run.emit(ProgressEvent(stage or name, "output", message=key, path=path))
+
+    ctx.announce = announce
+    try:
+        with run.stage(name):
+            ctx.stage = name
+            _resolve(name, OUTPUT_STAGES, "output")(ctx)
+    finally:
+        ctx.stage, ctx.announce = "", None
     for key, path in ctx.artifacts.items():
-        if before.get(key) != path:
+        if key not in announced and before.get(key) != path:
             run.emit(ProgressEvent(name, "output", message=key, path=path))
 
 

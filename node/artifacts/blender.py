@@ -294,7 +294,7 @@ def blender_stage(ctx: Any) -> None:
     outputs go on).
     """
     from node.artifacts.mesh import MeshOptions, label_meshes
-    from node.pipeline import StageSkipped
+    from node.stages import StageSkipped
 
     opts = dict(ctx.options)
     options = SceneOptions.from_dict({"group_categories": True, **opts})

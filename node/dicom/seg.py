@@ -55,7 +55,7 @@ from node.dicom.seg_write import (
 )
 
 if TYPE_CHECKING:
-    from node.pipeline import PipelineContext
+    from node.stages import PipelineContext
 
 __all__ = [
     "LABEL_ID_OFFSET", "MANUFACTURER", "PRIVATE_CREATOR", "PRIVATE_GROUP", "ParsedSeg", "Placement",
@@ -77,7 +77,7 @@ def seg_output(ctx: PipelineContext) -> None:
     when the input has no DICOM source (NIfTI or in-memory input) or no structure was found.
     """
     from node.classes import LabelVolume
-    from node.pipeline import StageSkipped
+    from node.stages import StageSkipped
     from node.segment import SegmentationError
 
     source = ctx.ct.source
@@ -103,7 +103,7 @@ def seg_output(ctx: PipelineContext) -> None:
     header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[
         "SegmentationType", "NumberOfFrames", "SegmentSequence", "SeriesNumber", "SeriesInstanceUID",
         "SOPInstanceUID"])
-    ctx.artifacts["seg"] = path
+    ctx.add_output("seg", path)
     ctx.record(
         type=str(header.SegmentationType), segments=len(header.SegmentSequence),
         frames=int(header.NumberOfFrames), series_number=int(header.SeriesNumber), version=options.version,

@@ -36,7 +36,7 @@ from node.segment.vessel_split import HEPATIC, PORTAL, split_arrays
 from node.volume import Volume
 
 if TYPE_CHECKING:
-    from node.pipeline import PipelineContext
+    from node.stages import PipelineContext
 
 ANATOMICAL_STRUCTURE = Code("123037004", "SCT", "Anatomical Structure")
 PORTAL_VEIN = Code("32764006", "SCT", "Portal vein")
@@ -355,7 +355,7 @@ def liver_vessels_stage(ctx: PipelineContext) -> None:
     """The pipeline's ``liver_vessels`` stage (:class:`node.pipeline.PipelineContext`): enhanced
     vessels as ``liver_vessels``, with ``split_portal_hepatic`` as ``portal_vein_branches`` and
     ``hepatic_veins``; QC under ``qc.liver_vessels``; TotalSegmentatorEnhanced's output files."""
-    from node.pipeline import StageSkipped
+    from node.stages import StageSkipped
 
     options = VesselOptions.from_mapping(ctx.options)
     support, source = _support_masks(ctx, options, SUPPORT_NAMES)

@@ -31,3 +31,17 @@ def test_lower_layers_do_not_import_web(part: str) -> None:
     bad = {str(f.relative_to(NODE)): sorted(n for n in _imports(f) if n == "node.web" or n.startswith("node.web."))
            for f in files}
     assert {f: names for f, names in bad.items() if names} == {}
+
+
+#: Where stages live: they take the contract from ``node.stages``, never from the pipeline that runs them.
+STAGE_PARTS = ("stages.py", "segment", "dicom", "artifacts")
+
+
+@pytest.mark.parametrize("part", STAGE_PARTS)
+def test_stages_do_not_import_the_pipeline(part: str) -> None:
+    root = NODE / part
+    files = [root] if root.is_file() else sorted(root.rglob("*.py"))
+    bad = {str(f.relative_to(NODE)): sorted(n for n in _imports(f) if n == "node.pipeline"
+                                            or n.startswith("node.pipeline."))
+           for f in files}
+    assert {f: names for f, names in bad.items() if names} == {}

@@ -262,7 +262,8 @@ def test_output_stages_run_after_the_labels_and_unknown_ones_fail(phantom, tmp_p
 
 def test_delivered_outputs_come_first_and_are_announced_as_soon_as_written(phantom, tmp_path, monkeypatch) -> None:
     """The SEG is written right after the labels are final, before the standard files and the other
-    outputs (even those asked for before it), and announced (status ``output``) at once; the series is
+    outputs (even those asked for before it), and announced (status ``output``) at once, before its stage
+    ends (``ctx.add_output``); a stage that only fills ``ctx.artifacts`` is announced when it ends; the series is
     read once (the SEG references the headers the load stage kept)."""
     from node import pipeline
     from node.dicom import series
@@ -286,7 +287,7 @@ def test_delivered_outputs_come_first_and_are_announced_as_soon_as_written(phant
     assert result.ok, result.error
     assert log == [
         ("load", "started"), ("load", "done"), ("segment", "started"), ("segment", "done"),
-        ("seg", "started"), ("seg", "done"), ("seg", "output"),
+        ("seg", "started"), ("seg", "output"), ("seg", "done"),  # announced by add_output, at once
         ("write", "started"), ("write", "done"),
         ("marker", "started"), ("marker", "done"), ("marker", "output"),
     ]
