@@ -25,6 +25,8 @@ Conventions of the objects written (see also :class:`SegOptions`):
 * Segment numbers are 1..N in ascending label id for BINARY, the label ids themselves for LABELMAP.
   Each segment carries its label id in the private element (0063,xx01) US of private creator
   ``segnode`` (:data:`PRIVATE_CREATOR`), so the reader gives the same ids back.
+* The source's patient and study modules (:mod:`node.dicom.modules`): every Type 2 attribute present,
+  empty where the source has none (anonymised and research series).
 * The source's FrameOfReferenceUID, a ReferencedSeriesSequence of every source instance, and each
   frame's source image (DerivationImageSequence, with ReferencedFrameNumber for multi-frame sources).
 * The node's marker (:data:`node.rules.OWN_MANUFACTURER`): Manufacturer ``segnode``, ImageType
@@ -55,6 +57,7 @@ from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 from node import __version__
 from node.classes import LabelClass, LabelVolume
 from node.dicom.codes import rgb_to_cielab, segment_codes
+from node.dicom.modules import MANUFACTURER, with_patient_study
 from node.errors import NodeError
 
 #: Private creator of the element that holds each segment's label id.
@@ -64,8 +67,6 @@ PRIVATE_GROUP, LABEL_ID_OFFSET = 0x0063, 0x01
 # pydicom's private dictionary: read with implicit VR, the element is still US.
 pydicom.datadict.add_private_dict_entry(PRIVATE_CREATOR, (PRIVATE_GROUP << 16) | 0x1000 | LABEL_ID_OFFSET, "US",
                                         "Label ID")
-#: The node's Manufacturer (the marker :mod:`node.rules` keeps off the router).
-MANUFACTURER = "segnode"
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 LABELMAP_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.7"
 
@@ -492,6 +493,9 @@ def _write(labels: LabelVolume, source: Sequence[Dataset] | Path | str, fp: Any,
     datasets = _image_datasets(labels, source)
     planes = _place_sources(labels, datasets)
     datasets, planes = _ordered_sources(planes)
+    # highdicom reads the first source's patient and study attributes: give it one that has every Type 2
+    # attribute (empty where the source has none), so that anonymised series get their SEG too.
+    datasets = [with_patient_study(datasets[0]), *datasets[1:]]
     ids, descriptions, boxes = _segments(labels, options)
     if options.fast:
         try:

@@ -25,6 +25,7 @@ import SimpleITK as sitk
 
 from node.classes import LabelClass, LabelVolume
 from node.dicom.codes import segment_codes
+from node.dicom.modules import TYPE2
 from node.dicom.seg import SegOptions, parse_seg, read_seg, write_seg
 from node.dicom.series import read_series
 from node.dicom.writer import SeriesInfo, write_series
@@ -55,6 +56,14 @@ def segs(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, Path, Path
     v2 = write_seg(labels, phantom["dicom"], tmp / "v2.dcm",
                    options=SegOptions(version=2, algorithm_type="SEMIAUTOMATIC", content_creator="Doe^Jane"))
     out.append(("version 2", v2, phantom["dicom"], labels))
+    anonymised = tmp / "anonymised"  # no Type 2 patient/study attribute at all (issue 16)
+    anonymised.mkdir()
+    for source in sorted(Path(phantom["dicom"]).glob("*.dcm")):
+        ds = pydicom.dcmread(source)
+        for keyword in TYPE2:
+            delattr(ds, keyword)
+        ds.save_as(anonymised / source.name)
+    out.append(("no Type 2", write_seg(labels, anonymised, tmp / "anonymised.dcm"), anonymised, labels))
     if (DATA / "dcmqi" / "ct-3slice").is_dir():
         ct = read_series(DATA / "dcmqi" / "ct-3slice")
         real = read_seg(DATA / "dcmqi" / "liver.dcm", ct)
@@ -83,6 +92,10 @@ def test_dciodvfy_finds_no_error(segs) -> None:
                           for line in lines if "Warning" in line}
     for name in ("phantom", "one segment", "version 2"):
         assert warnings[name] == {PRIVATE_TAG_WARNING}, name
+    # Empty Type 2 values are valid; dciodvfy only notes that a DICOMDIR could not index them.
+    dicomdir = "Warning - Missing attribute or value that would be needed to build DICOMDIR - "
+    assert warnings["no Type 2"] == {PRIVATE_TAG_WARNING} | {
+        dicomdir + name for name in ("Patient ID", "Study ID", "Study Date", "Study Time")}
     if "real CT" in warnings:  # plus what the SEG copies from the source: its old-style patient name
         copied = ("Warning - Value dubious for this VR - (0x0010,0x0010) PN Patient's Name  PN [1] = "
                   "<JANCT000> - Retired Person Name form")
