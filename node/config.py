@@ -2,18 +2,60 @@
 
 Nested keys use ``__`` in the environment: ``SEGNODE_DICOM__PORT=11112`` sets ``[dicom] port``.
 Secrets are :class:`pydantic.SecretStr`, masked wherever the settings are shown.
+
+Which file (:func:`find_config`), in order: ``--config`` (anywhere on the command line), then
+``SEGNODE_CONFIG``, then ``./configs/node.toml``, then ``/etc/segnode/node.toml``; none of them:
+the built-in defaults, and every command that shows the settings says so. A file named by
+``--config`` or ``SEGNODE_CONFIG`` must exist.
+
+Nothing is silently ignored: an unknown key in the file and an unknown ``SEGNODE_*`` variable are
+errors naming it (with the nearest known name); a bad value from the environment names the variable.
+The ``SEGNODE_*`` variables that are not settings are listed once, in :data:`OTHER_VARIABLES`.
+
+Relative paths: written in a file, they are relative to that file's folder (``data_dir = "../var"``
+in ``configs/node.toml`` is the repository's ``var``); from a variable, or a built-in default, to the
+working directory. Every path in a loaded :class:`Settings` is absolute.
 """
 
 from __future__ import annotations
 
+import difflib
+import os
 import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
+#: The config file looked for in the working directory, then the system's (see :func:`find_config`).
 DEFAULT_CONFIG = Path("configs/node.toml")
+SYSTEM_CONFIG = Path("/etc/segnode/node.toml")
+CONFIG_VARIABLE = "SEGNODE_CONFIG"
+ENV_PREFIX = "SEGNODE_"
+
+#: Every ``SEGNODE_*`` variable the project reads that is not a setting, and who reads it. Any other
+#: ``SEGNODE_*`` name that is not a setting is refused (a test keeps this list in line with the code).
+OTHER_VARIABLES: dict[str, str] = {
+    CONFIG_VARIABLE: "the config file, when --config is not given",
+    "SEGNODE_BLENDER": "a Blender >= 4.2, a Python with bpy or its venv, for the scene output",
+    "SEGNODE_VIEWER_PASSWORD": "segnode viewer: the password for --dicomweb",
+    "SEGNODE_VENV": "the Orthanc plugin: the node's virtual environment",
+    "SEGNODE_NODE_URL": "the Orthanc plugin: the node's HTTP root",
+    "SEGNODE_NODE_TOKEN": "the Orthanc plugin: one of the node's [http] tokens",
+    "SEGNODE_TOKEN": "docker/compose.yaml: the Orthanc plugin's token",
+    "SEGNODE_ENGINE": "docker/compose.yaml: the segmentation engine",
+    "SEGNODE_SKIP_BLENDER": "scripts/setup.sh: do not make .venv-blender",
+    "SEGNODE_SAMPLE_DIR": "tests: TotalSegmentator's sample data",
+    "SEGNODE_OHIF_DIST": "tests: the OHIF build",
+    "SEGNODE_TEST_OUTPUT": "tests: where screenshots go",
+    "SEGNODE_TEST_REPORT": "tests: a report file written inside Orthanc",
+}
 
 
 class _Section(BaseModel):
@@ -162,7 +204,14 @@ class OrthancSection(_Section):
 class Settings(BaseSettings):
     """Everything the node reads at start. See ``configs/node.toml`` for a commented example."""
 
-    model_config = SettingsConfigDict(env_prefix="SEGNODE_", env_nested_delimiter="__", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid")
+
+    #: Where these settings came from (:func:`load_settings` sets it; None: made in code).
+    _source: ConfigSource | None = PrivateAttr(default=None)
+
+    @property
+    def source(self) -> ConfigSource:
+        return self._source or ConfigSource(None, "code")
 
     node: NodeSection = NodeSection()
     dicom: DicomSection = DicomSection()
@@ -192,33 +241,231 @@ class ConfigError(Exception):
     """An unreadable or invalid configuration, as one line for people."""
 
 
-def _describe(error: dict[str, Any]) -> str:
-    key = ".".join(str(part) for part in error["loc"])
+@dataclass(frozen=True)
+class ConfigSource:
+    """The file the settings were read from (None: built-in defaults) and how it was found."""
+
+    path: Path | None
+    #: ``--config``, ``SEGNODE_CONFIG``, ``./configs/node.toml``, ``/etc/segnode/node.toml``, ``none``, ``code``.
+    how: str
+    #: The ``SEGNODE_*`` setting variables that took part.
+    variables: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        where = f"{self.path} (found by {self.how})" if self.path else "built-in defaults, no file"
+        if self.variables:
+            where += " + environment " + ", ".join(self.variables)
+        return where
+
+
+def find_config(explicit: Path | None = None, environ: Mapping[str, str] | None = None) -> ConfigSource:
+    """The config file to read: ``--config``, ``SEGNODE_CONFIG``, ``./configs/node.toml``,
+    ``/etc/segnode/node.toml``, the first that applies. A named file that does not exist is an error."""
+    environ = os.environ if environ is None else environ
+    if explicit is not None:
+        if not Path(explicit).is_file():
+            raise ConfigError(f"{explicit}: no such config file (--config)")
+        return ConfigSource(Path(explicit).absolute(), "--config")
+    named = environ.get(CONFIG_VARIABLE, "")
+    if named:
+        if not Path(named).is_file():
+            raise ConfigError(f"{named}: no such config file ({CONFIG_VARIABLE})")
+        return ConfigSource(Path(named).absolute(), CONFIG_VARIABLE)
+    if DEFAULT_CONFIG.is_file():
+        return ConfigSource(DEFAULT_CONFIG.absolute(), f"./{DEFAULT_CONFIG}")
+    if SYSTEM_CONFIG.is_file():
+        return ConfigSource(SYSTEM_CONFIG, str(SYSTEM_CONFIG))
+    return ConfigSource(None, "none")
+
+
+# --- what the model knows: keys, variables, paths ---------------------------------------------
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The model class inside ``annotation`` (``Section``, ``list[Section]``, ``Section | None``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _is_path(annotation: Any) -> bool:
+    if annotation is Path:
+        return True
+    origin = typing.get_origin(annotation)
+    return origin in (typing.Union, types.UnionType) and Path in typing.get_args(annotation)
+
+
+def _is_mapping(annotation: Any) -> bool:
+    return typing.get_origin(annotation) is dict
+
+
+def setting_variables() -> list[str]:
+    """Every ``SEGNODE_<SECTION>__<KEY>`` the settings read (and each section's, for JSON)."""
+    names = []
+    for section, field in Settings.model_fields.items():
+        names.append(f"{ENV_PREFIX}{section.upper()}")
+        model = _model_of(field.annotation)
+        if model is not None and typing.get_origin(field.annotation) is not list:
+            names += [f"{ENV_PREFIX}{section.upper()}__{key.upper()}" for key in model.model_fields]
+    return names
+
+
+def _is_setting_variable(name: str) -> bool:
+    parts = name[len(ENV_PREFIX):].lower().split("__")
+    model: type[BaseModel] | None = Settings
+    for depth, part in enumerate(parts):
+        field = model.model_fields.get(part) if model is not None else None
+        if field is None:
+            return False
+        if depth == len(parts) - 1:
+            return True
+        if _is_mapping(field.annotation):
+            return True  # SEGNODE_HTTP__TOKENS__ALICE: a key of a table
+        model = _model_of(field.annotation) if typing.get_origin(field.annotation) is not list else None
+    return True
+
+
+def _suggest(name: str, candidates: list[str]) -> str:
+    """" (did you mean X?)" for the nearest variable, compared without the shared prefix."""
+    bare = {c[len(ENV_PREFIX):]: c for c in candidates}
+    close = difflib.get_close_matches(name[len(ENV_PREFIX):], list(bare), n=1, cutoff=0.75)
+    return f" (did you mean {bare[close[0]]}?)" if close else ""
+
+
+def check_environment(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The ``SEGNODE_*`` setting variables in ``environ``; raises :class:`ConfigError` on one that
+    is neither a setting nor in :data:`OTHER_VARIABLES`."""
+    environ = os.environ if environ is None else environ
+    used = []
+    for name in sorted(environ):
+        if not name.upper().startswith(ENV_PREFIX) or name.upper() in OTHER_VARIABLES:
+            continue
+        if not _is_setting_variable(name.upper()):
+            hint = _suggest(name.upper(), setting_variables() + list(OTHER_VARIABLES))
+            raise ConfigError(f"{name}: unknown variable; no setting or tool reads it{hint}")
+        used.append(name)
+    return used
+
+
+def _resolve_file_paths(data: dict[str, Any], model: type[BaseModel], folder: Path) -> None:
+    """Relative paths written in a file are relative to its folder (in place)."""
+    for key, value in data.items():
+        field = model.model_fields.get(key)
+        if field is None:
+            continue
+        if _is_path(field.annotation) and isinstance(value, str) and value and not Path(value).is_absolute():
+            data[key] = os.path.normpath(folder / value)
+            continue
+        inner = _model_of(field.annotation)
+        if inner is None:
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, dict):
+                _resolve_file_paths(item, inner, folder)
+
+
+def _absolute_paths(model: BaseModel, base: Path) -> None:
+    """Every relative path left (from a variable or a default) made absolute against ``base``."""
+    for key, field in type(model).model_fields.items():
+        value = getattr(model, key)
+        if isinstance(value, Path) and not value.is_absolute():
+            model.__dict__[key] = Path(os.path.normpath(base / value))  # not counted as "set"
+        elif isinstance(value, BaseModel):
+            _absolute_paths(value, base)
+        elif isinstance(value, list):
+            for item in value:
+                if isinstance(item, BaseModel):
+                    _absolute_paths(item, base)
+
+
+# --- loading --------------------------------------------------------------------------------------
+
+_SECRET_PARTS = ("password", "token", "redis_url")
+
+
+def _variable_of(loc: tuple[Any, ...], environ: Mapping[str, str]) -> str | None:
+    """The ``SEGNODE_*`` variable that set the value at ``loc``, if one did."""
+    names = {name.upper(): name for name in environ}
+    for depth in range(len(loc), 0, -1):
+        if not all(isinstance(part, str) for part in loc[:depth]):
+            continue
+        candidate = ENV_PREFIX + "__".join(str(part).upper() for part in loc[:depth])
+        if candidate in names:
+            return names[candidate]
+    return None
+
+
+def _describe(error: dict[str, Any], source: Path | None, environ: Mapping[str, str]) -> str:
+    loc = tuple(error["loc"])
+    key = ".".join(str(part) for part in loc)
+    variable = _variable_of(loc, environ)
+    where = f"{variable} = {'********' if any(s in variable.lower() for s in _SECRET_PARTS) else repr(environ[variable])}" \
+        if variable is not None else str(source or "built-in defaults")
     if error["type"] == "extra_forbidden":
-        return f"unknown key {key!r}"
-    value = error.get("input")
-    shown = "********" if any(s in key for s in ("password", "token", "redis_url")) else repr(value)
-    return f"{key} = {shown}: {error['msg']}"
+        model: type[BaseModel] | None = Settings
+        for part in loc[:-1]:
+            field = model.model_fields.get(str(part)) if model is not None else None
+            model = _model_of(field.annotation) if field is not None else None
+        known = list(model.model_fields) if model is not None else []
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+        hint = f" (did you mean {'.'.join(map(str, loc[:-1] + (close[0],)))!r}?)" if close else ""
+        return f"{where}: unknown key {key!r}{hint}"
+    if variable is not None:
+        return f"{where}: {key}: {error['msg']}"
+    shown = "********" if any(s in key for s in _SECRET_PARTS) else repr(error.get("input"))
+    return f"{where}: {key} = {shown}: {error['msg']}"
 
 
 def load_settings(path: Path | None = None) -> Settings:
-    """Settings from ``path`` (default ``configs/node.toml`` if it exists) and the environment."""
-    explicit = path is not None
-    path = Path(path) if explicit else DEFAULT_CONFIG
+    """Settings from the config file (``path``, else :func:`find_config`'s) and the environment."""
+    environ = os.environ
+    source = find_config(Path(path) if path is not None else None, environ)
+    variables = tuple(check_environment(environ))
     data: dict[str, Any] = {}
-    if path.exists():
+    if source.path is not None:
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
+            data = tomllib.loads(source.path.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    elif explicit:
-        raise ConfigError(f"{path}: no such config file")
+            raise ConfigError(f"{source.path}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{source.path}: cannot read: {exc.strerror}") from None
+        _resolve_file_paths(data, Settings, source.path.parent)
     try:
-        return Settings(**data)
+        settings = Settings(**data)
     except ValidationError as exc:
-        problems = [_describe(e) for e in exc.errors()]
+        problems = [_describe(e, source.path, environ) for e in exc.errors()]
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise ConfigError(f"{path}: {problems[0]}{more}") from None
+        raise ConfigError(f"{problems[0]}{more}") from None
+    except SettingsError as exc:  # a variable pydantic-settings cannot parse (JSON for a table or list)
+        section = str(exc).split('"')[1] if '"' in str(exc) else ""
+        named = [v for v in variables if v.upper().startswith(f"{ENV_PREFIX}{section.upper()}")] or list(variables)
+        raise ConfigError(f"{', '.join(named)}: cannot parse the value (a table or list needs JSON)") from None
+    _absolute_paths(settings, Path.cwd())
+    settings._source = ConfigSource(source.path, source.how, variables)
+    return settings
+
+
+def config_warnings(settings: Settings) -> list[str]:
+    """What ``config check`` warns about without refusing: a data folder that depends on the working
+    directory, a DICOM listener open to anyone."""
+    import ipaddress
+
+    dicom, warnings = settings.dicom, []
+    if "data_dir" not in settings.node.model_fields_set:
+        warnings.append(f"[node] data_dir is not set: the built-in default, ./var in the working directory "
+                        f"({settings.node.data_dir}); set it in the config file")
+    try:
+        loopback = ipaddress.ip_address(dicom.host).is_loopback
+    except ValueError:
+        loopback = dicom.host == "localhost"
+    if not loopback and not dicom.allowed_calling_aets and not dicom.allowed_sources:
+        warnings.append(
+            f"[dicom] the listener on {dicom.host}:{dicom.port} accepts any calling AE title from any address: "
+            "set allowed_calling_aets and/or allowed_sources (or host = \"127.0.0.1\")")
+    return warnings
 
 
 def masked_dict(settings: Settings) -> dict[str, Any]:

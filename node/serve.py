@@ -117,6 +117,7 @@ def serve(settings: Settings, *, on_started: Callable[[], None] | None = None) -
     _check_http(settings)
     data_dir = Path(settings.node.data_dir)
     lock = _lock(data_dir)
+    log.info("config: %s; data in %s", settings.source.describe(), data_dir)
     store = open_store(settings)
     runner: list[JobRunner] = []
     queue = JobQueue(make_huey(settings), lambda job_id: runner[0].run(job_id))

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from node import __version__
 from node.cli.artifacts import blender_command, mesh_command, slices_command
@@ -25,7 +26,35 @@ from node.cli.volumes import convert, phantom, run, volume_info
 from node.cli.weights import weights_app
 from node.cli.xnat import xnat_app
 
+def hoist_config(args: list[str]) -> list[str]:
+    """``--config FILE`` (or ``--config=FILE``) anywhere before ``--`` moves to the front, where the
+    app's option is parsed: ``segnode serve --config x.toml`` works as ``segnode --config x.toml serve``."""
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest += args[i:]
+            break
+        if arg == "--config" and i + 1 < len(args):
+            front += args[i : i + 2]
+            i += 2
+            continue
+        (front if arg.startswith("--config=") else rest).append(arg)
+        i += 1
+    if len([a for a in front if a.startswith("--config")]) > 1:
+        raise typer.BadParameter("given more than once", param_hint="--config")
+    return front + rest
+
+
+class _Segnode(TyperGroup):
+    def parse_args(self, ctx, args):  # type: ignore[no-untyped-def]
+        return super().parse_args(ctx, hoist_config(list(args)))
+
+
 app = typer.Typer(
+    cls=_Segnode,
     name="segnode",
     help="A DICOM segmentation node: receive series, segment them, send DICOM-SEG back.",
     no_args_is_help=True,
@@ -43,7 +72,9 @@ def _version(value: bool) -> None:
 @app.callback()
 def main_options(
     config: Annotated[
-        Optional[Path], typer.Option("--config", "-c", help="TOML config file (default: configs/node.toml).")
+        Optional[Path], typer.Option("--config", "-c", show_default=False, help=(
+            "TOML config file, here or after the command (default: $SEGNODE_CONFIG, else ./configs/node.toml, "
+            "else /etc/segnode/node.toml, else built-in defaults)."))
     ] = None,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
