@@ -67,8 +67,17 @@ class NodeSection(_Section):
     #: Where the spool, job database, outbox and artifacts live.
     data_dir: Path = Path("var")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    #: Patient names and IDs appear in logs only when this is true.
+    #: Patient names, IDs and birth dates appear in logs and console output only when this is true
+    #: (:mod:`node.logs` scrubs them otherwise, from every logger, Python warnings included).
     log_phi: bool = False
+    #: Log to this file (relative: under ``data_dir``) instead of stderr, rotated by size.
+    log_file: Path | None = None
+    #: Size at which the log file is rotated (``node.log`` -> ``node.log.1`` ...).
+    log_max_mb: float = Field(default=10.0, gt=0)
+    #: Rotated files kept beside the log file.
+    log_backups: int = Field(default=5, ge=0)
+    #: ``text``: one line per record; ``json``: one JSON object per line (for a log collector).
+    log_format: Literal["text", "json"] = "text"
     #: Routing rules (see configs/rules.toml); a missing file means the built-in default rule.
     rules: Path = Path("configs/rules.toml")
 
@@ -115,6 +124,8 @@ class HttpSection(_Section):
     max_upload_mb: int = Field(default=2048, ge=1)
     #: API tokens by user name; empty = no authentication (loopback use only).
     tokens: dict[str, SecretStr] = {}
+    #: Users (names in ``tokens``) allowed the administrative API (``PUT /api/log-level``).
+    admin_users: list[str] = ["admin"]
 
 
 class VolumeSection(_Section):

@@ -105,6 +105,14 @@ def _warm_up() -> None:
     threading.Thread(target=run, name="segnode-warm-up", daemon=True).start()
 
 
+def _reload_on_sighup() -> None:
+    """SIGHUP reads the config again for the log level and ``log_phi`` (:func:`node.logs.reload`)."""
+    from node import logs
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGHUP, lambda sig, frame: logs.reload())
+
+
 def serve(settings: Settings, *, on_started: Callable[[], None] | None = None) -> None:
     """Run the node until SIGINT/SIGTERM."""
     import uvicorn
@@ -169,6 +177,7 @@ def serve(settings: Settings, *, on_started: Callable[[], None] | None = None) -
         # make those a note, so that the shutdown below runs and the exit status is 0.
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda sig, frame: log.info("stopping (%s)", signal.Signals(sig).name))
+        _reload_on_sighup()
         server.run()
     finally:
         stop.set()
@@ -196,6 +205,7 @@ def work(settings: Settings) -> None:
     runner.append(JobRunner(store, settings, enqueue=queue.enqueue, hooks=(outbox.enqueue_results,),
                             on_output=(outbox.enqueue_output,)))
     _warm_up()
+    _reload_on_sighup()
     log.info("worker: %d thread(s) on the Redis queue", settings.queue.workers)
     outbox.start()
     try:

@@ -16,7 +16,7 @@ from typer.core import TyperGroup
 
 from node import __version__
 from node.cli.artifacts import blender_command, mesh_command, slices_command
-from node.cli.common import _State, out
+from node.cli.common import _start_logging, _State, out
 from node.cli.config import config_app
 from node.cli.network import listen_command, send_command, serve_command, viewer_command, worker_command
 from node.cli.outbox import outbox_app
@@ -81,6 +81,7 @@ def main_options(
     ] = False,
 ) -> None:
     _State.config_path = config
+    _start_logging()  # every command logs through node.logs: scrubbed, warnings included
 
 
 app.command("phantom")(phantom)

@@ -51,18 +51,31 @@ def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
         yield update
 
 
-def _start_logging(config: Settings) -> None:
-    import logging
+def _start_logging(config: Settings | None = None) -> None:
+    """Logging for this command (:mod:`node.logs`). ``config`` given (the long-running commands):
+    its ``[node] log_*`` settings, reloaded on SIGHUP. None (every command, before it runs): from
+    the config file if it is valid (a command that needs it reports it otherwise), at WARNING or
+    above, so that one-shot commands print warnings and errors but not the libraries' progress."""
+    from node import logs
 
-    logging.basicConfig(level=config.node.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    least = None
+    if config is None:
+        least = "WARNING"
+        try:
+            config = load_settings(_State.config_path)
+        except ConfigError:
+            config = None
+    logs.setup(config, reload_settings=lambda: load_settings(_State.config_path), least=least)
 
 
 def _load_volume(path: Path, series: Optional[str]):
     from node.dicom.series import VolumeError, read_series
+    from node.logs import register_path
     from node.nifti import read_nifti
 
     if path.name.endswith((".nii", ".nii.gz")):
         return read_nifti(path)
+    register_path(path)  # its patient's values are scrubbed from logs and console (node.logs)
     try:
         with progress_bar(f"Reading {path.name}") as update:
             return read_series(

@@ -25,7 +25,9 @@ def send_command(
     from pynetdicom.status import code_to_category
 
     from node.ingest.send import send
+    from node.logs import register_path
 
+    register_path(path)
     host, _, port = to.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise fail(f"--to must be HOST:PORT, got {to!r}", 2)
@@ -52,7 +54,6 @@ def listen_command(
     aet: Annotated[Optional[str], typer.Option("--aet", help="Our AE title (default: \\[dicom] ae_title).")] = None,
 ) -> None:
     """Run the DICOM listener in the foreground: store into the spool, print each series that is ready."""
-    import logging
     import signal
     import threading
 
@@ -61,7 +62,7 @@ def listen_command(
     config = settings()
     if aet:
         config.dicom.ae_title = aet
-    logging.basicConfig(level=config.node.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _start_logging(config)
 
     def ready(event) -> None:
         fields = ("series_uid", "reason", "instance_count", "generation", "modality", "is_image")

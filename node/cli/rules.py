@@ -34,6 +34,9 @@ def rules_test(
         raise fail(f"--via must be dimse, stow, orthanc or file, got {via!r}", 2)
     if not path.exists():
         raise fail(f"{path}: no such file or folder", 2)
+    from node.logs import register_path
+
+    register_path(path)
     config = settings()
     source = rules_file or config.node.rules
     if rules_file is not None and not rules_file.exists():

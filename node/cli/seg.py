@@ -22,7 +22,9 @@ def seg_info(
 ) -> None:
     """Segments (number, label, codes, colour, frame count), type and referenced series of SEG."""
     from node.dicom.seg import SegError, describe_seg
+    from node.logs import register_path
 
+    register_path(seg)
     try:
         info = describe_seg(seg)
     except SegError as exc:
@@ -62,7 +64,10 @@ def seg_to_nifti_command(
 ) -> None:
     """Convert SEG to a multilabel NIfTI on the source's grid, with classes.json beside it."""
     from node.dicom.seg import SegError, seg_to_nifti
+    from node.logs import register_path
 
+    register_path(seg)
+    register_path(source)
     if not output.name.endswith((".nii", ".nii.gz")):
         raise fail(f"output must end in .nii or .nii.gz, got {output.name}", 2)
     try:

@@ -143,10 +143,12 @@ def run(
 
     from rich.progress import SpinnerColumn
 
+    from node.logs import register_path
     from node.pipeline import ProgressEvent, request_from_settings, run_pipeline
     from node.segment.registry import ENGINES
 
     config = settings()
+    register_path(input)  # its patient's values are scrubbed from logs and console (node.logs)
     engine = (engine or config.segmentation.engine).lower()
     if engine not in ENGINES:
         raise fail(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}", 2)

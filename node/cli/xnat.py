@@ -63,8 +63,10 @@ def _xnat_run(mode: str, path: Path, out_dir: Path, names: Optional[list[str]], 
               merge: Optional[list[str]], overwrite: bool, as_json: bool) -> None:
     from node.xnat.export import ExportError, ExportOptions, failed, parse_merge, run
     from node.xnat.inventory import XnatError
+    from node.logs import register_path
     from node.xnat.select import Selection, SelectionError, read_sheet
 
+    register_path(path)  # one header per folder: every case's patient
     try:
         table = read_sheet(sheet, case_column, name_column, sheet_name) if sheet is not None else None
         merges = tuple(parse_merge(m) for m in merge or [])

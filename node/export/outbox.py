@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from node import logs
 from node.config import Destination, OutboxSection, Settings
 from node.export.senders import DeliveryError, Failure, Item, Sender, make_sender
 from node.sqlite import connect_durable
@@ -322,6 +323,7 @@ class Outbox:
 
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
+            logs.register_dataset(ds)  # its patient's values stay out of the delivery's log lines
             meta = ds.file_meta
             sop_uid, sop_class = str(ds.SOPInstanceUID), str(ds.SOPClassUID)
             item = {
@@ -399,7 +401,8 @@ class Outbox:
                         return tried
                     claimed = self._claim(name, rows[start : start + BATCH])
                     if claimed:
-                        self._deliver(name, claimed)
+                        with logs.job_context(claimed[0]["job_id"]):
+                            self._deliver(name, claimed)
                         tried += len(claimed)
         return tried
 

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from node import logs
 from node.config import Settings
 from node.errors import NodeError
 from node.jobs.store import Job, JobStore, worker_id
@@ -161,6 +162,11 @@ class JobRunner:
             current = self.store.get(job_id)
             log.info("job %s: not run (%s)", job_id, current.state if current else "unknown job")
             return None
+        # Every line of this run names job and series (node.logs); its patient's values are scrubbed.
+        with logs.job_context(job.id, job.series_uid), logs.patient_data(job.folder):
+            return self._run(job)
+
+    def _run(self, job: Job) -> str | None:
         assert job.run_id is not None
         log.info("job %s series %s: attempt %d/%d, rule %s, engine %s", job.id, job.series_uid,
                  job.attempts, job.max_attempts, job.rule, job.engine)

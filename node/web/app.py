@@ -7,6 +7,7 @@
 ``GET  /api/jobs``             jobs, newest first (``?state=failed&limit=50&offset=0``)
 ``GET  /api/jobs/{id}``        one job: state, stage, progress, per-stage timings, error, history
 ``POST /api/jobs/{id}/retry``  run a failed job again (202), 409 if it is not failed
+``GET|PUT /api/log-level``     the log level; PUT ``{"level": "DEBUG"}`` changes it now (admin users)
 ``POST /dicomweb/studies``     STOW-RS (:mod:`node.web.stow`)
 ``GET  /``, ``/edit/{series}``  dashboard and correction editor pages (:mod:`node.web.dashboard`,
                                :mod:`node.web.editor`), with their ``/api/dashboard``, ``/api/edit``
@@ -139,8 +140,26 @@ def create_app(ctx: AppContext) -> Starlette:
         log.info("job %s series %s: retried by %s", job_id, again.series_uid, user)
         return JSONResponse(again.public(), status_code=202)
 
+    async def log_level(request: Request) -> Response:
+        """``GET``: the level now; ``PUT {"level": "DEBUG"}``: change it (admin users only; no restart)."""
+        from node import logs
+
+        if request.method == "GET":
+            return JSONResponse({"level": logs.current_level()})
+        user = request.scope.get("state", {}).get("user")
+        if ctx.settings.http.tokens and user not in ctx.settings.http.admin_users:
+            return _error(403, "changing the log level needs an admin user ([http] admin_users)")
+        try:
+            body = await request.json()
+            level = logs.set_level(body["level"])
+        except (ValueError, KeyError, TypeError) as exc:
+            return _error(400, f'the body must be {{"level": "DEBUG|INFO|WARNING|ERROR"}}: {exc}')
+        log.warning("log level set to %s by %s", level, user or "anonymous")
+        return JSONResponse({"level": level})
+
     routes = [
         Route("/healthz", healthz),
+        Route("/api/log-level", log_level, methods=["GET", "PUT"]),
         Route("/metrics", metrics_text),
         Route("/api/series", series),
         Route("/api/jobs", jobs),

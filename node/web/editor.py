@@ -67,6 +67,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from node import logs
 from node.classes import LabelClass, LabelVolume
 from node.config import Settings
 from node.ingest.instance import valid_uid
@@ -272,6 +273,7 @@ class Editor:
     def _read(self, series_uid: str, study_uid: str, folder: Path, token: str) -> Loaded:
         from node.dicom.series import VolumeError, read_series
 
+        logs.register_path(folder)  # the save writes a SEG with its patient's name: keep it out of logs
         try:
             ct = read_series(folder, series_uid, spacing_tolerance=self.settings.volume.spacing_tolerance)
         except VolumeError as exc:
