@@ -108,7 +108,15 @@ def add_venv(venv):
     before = list(sys.path)
     site.addsitedir(packages)
     added = [p for p in sys.path if p not in before]
-    sys.path[:] = added + [p for p in sys.path if p not in added]
+    # The standard library stays first: a venv may hold a backport that shadows it (rt-utils pulls
+    # PyPI's `dataclasses` 0.6, whose dataclass() has no `slots`), and only Debian's site packages
+    # (an older numpy) must lose to the venv.
+    import sysconfig
+
+    stdlib = {os.path.realpath(sysconfig.get_paths()[k]) for k in ("stdlib", "platstdlib")}
+    first = [p for p in sys.path if p not in added and (
+        os.path.realpath(p) in stdlib or os.path.dirname(os.path.realpath(p)) in stdlib or p.endswith(".zip"))]
+    sys.path[:] = first + added + [p for p in sys.path if p not in added and p not in first]
     return None
 
 

@@ -241,6 +241,7 @@ def test_multipart_parts_are_split_exactly_however_the_bytes_arrive(chunk: int) 
 
 def test_the_venv_goes_to_the_front_of_sys_path(tmp_path: Path, monkeypatch) -> None:
     """Appended, an older numpy earlier on sys.path (Debian's python3-numpy) would win."""
+    import importlib.machinery
     import importlib.util
     import sys
 
@@ -253,16 +254,22 @@ def test_the_venv_goes_to_the_front_of_sys_path(tmp_path: Path, monkeypatch) -> 
         (folder / "fakenumpy").mkdir(parents=True)
         (folder / "fakenumpy" / "__init__.py").write_text(f"__version__ = {version!r}\n")
     (venv_packages / "extra.pth").write_text(str(tmp_path / "from-pth") + "\n")
+    (venv_packages / "dataclasses.py").write_text("raise ImportError('the PyPI backport')\n")  # rt-utils pulls it
     (tmp_path / "from-pth").mkdir()
     monkeypatch.setattr(sys, "path", [str(debian), *sys.path])
     monkeypatch.delitem(sys.modules, "fakenumpy", raising=False)
 
     assert plugin.orthanc is None
     assert plugin.add_venv(str(tmp_path / "venv")) is None
-    assert sys.path[:2] == [str(venv_packages), str(tmp_path / "from-pth")]
+    at = sys.path.index(str(venv_packages))
+    assert sys.path[at : at + 2] == [str(venv_packages), str(tmp_path / "from-pth")]
+    assert at < sys.path.index(str(debian))
     import fakenumpy
 
     assert fakenumpy.__version__ == "2.4.6"
+    # ...but the standard library stays ahead of the venv: a backport there never shadows it.
+    stdlib_dataclasses = importlib.machinery.PathFinder.find_spec("dataclasses", sys.path)
+    assert Path(stdlib_dataclasses.origin).parent != venv_packages
     assert plugin.add_venv(str(tmp_path / "nowhere")).endswith(
         "not found (a venv of another Python than python3.11?)"
     )
