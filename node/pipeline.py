@@ -59,7 +59,7 @@ from typing import Any, Literal
 import numpy as np
 
 from node import __version__
-from node.classes import Code, LabelVolume
+from node.classes import LabelVolume
 from node.errors import NodeError
 from node.segment import SegmentationError, SegmentRequest
 from node.stages import (  # the stage contract; re-exported for callers of the pipeline
@@ -91,6 +91,8 @@ STAGES: dict[str, str] = {
 #: classes, stats, report). Each is a stage run after the labels are final; it adds ``ctx.artifacts``.
 OUTPUT_STAGES: dict[str, str] = {
     "seg": "node.dicom.seg:seg_output",
+    "rtstruct": "node.dicom.rtstruct:rtstruct_output",
+    "sr": "node.dicom.sr:sr_output",
     "meshes": "node.artifacts.mesh:meshes_stage",
     "slices": "node.artifacts.slices:slices_stage",
     "blender": "node.artifacts.blender:blender_stage",
@@ -101,7 +103,7 @@ STANDARD_OUTPUTS = ("labels", "nifti", "classes", "stats", "report")
 #: written right after the labels are final, before the standard files and the other outputs
 #: (meshes, slices, Blender), and each is announced (a ``ProgressEvent`` of status ``output``) as
 #: soon as it exists, so that the worker hands it to the outbox while the run goes on.
-DELIVERED_OUTPUTS = ("seg",)
+DELIVERED_OUTPUTS = ("seg", "rtstruct", "sr")
 
 
 def request_from_settings(
@@ -274,7 +276,7 @@ def run_pipeline(
             labels = _checked(labels, ct, request.segment)
         source_path = None if isinstance(input, Volume) or str(input).endswith((".nii", ".nii.gz")) else Path(input)
         ctx = PipelineContext(ct=ct, labels=labels, request=request, outdir=outdir, source_path=source_path,
-                              source_headers=headers)
+                              source_headers=headers, stages_run=run.stages)
         ctx.notes.extend(labels.notes)
         for stage in request.post:
             name = _stage_name(stage)
@@ -284,11 +286,11 @@ def run_pipeline(
                 _check_stage_output(ctx, name)
             ctx.stage = ""
         # What is delivered first, announced as soon as written; then the files for people and tools.
-        delivered = [name for name in request.outputs if name in DELIVERED_OUTPUTS]
+        delivered = [name for name in DELIVERED_OUTPUTS if name in request.outputs]  # the SR cites the SEG
         for name in delivered:
             _output(name, ctx, run)
         with run.stage("write"):
-            report["structures"] = _structures(ctx.labels, ct)
+            report["structures"] = ctx.structures()
             paths.update(_write_outputs(ctx, report["structures"]))
         for name in request.outputs:
             if name not in delivered:
@@ -480,52 +482,7 @@ def _write_outputs(ctx: PipelineContext, rows: list[dict[str, Any]]) -> dict[str
     return paths
 
 
-def _structures(labels: LabelVolume, ct: Volume) -> list[dict[str, Any]]:
-    """Per class: voxels, volume (voxels x voxel volume), mean and SD of the image values, border contact."""
-    a = labels.array
-    n = int(a.max()) + 1 if a.size else 1
-    counts = np.zeros(n, np.int64)
-    sums, squares = np.zeros(n), np.zeros(n)
-    background = 0 not in labels.classes  # no row for it: its (mostly) many voxels are left out
-    # About a million voxels at a time: whole-volume float64 copies of the image (and of its squares)
-    # cost seconds of allocation on a 512 x 512 x 300 CT, and short numpy calls let the outbox thread,
-    # sending the SEG meanwhile, have the GIL. The sums of integer HU are exact either way.
-    step = max(1, (1 << 20) // max(1, a[0].size))
-    for start in range(0, a.shape[0], step):
-        ids, values = a[start : start + step], ct.array[start : start + step]
-        if background:
-            inside = ids != 0
-            ids, values = ids[inside], values[inside]
-        ids, values = ids.ravel(), values.ravel().astype(np.float64)
-        counts += np.bincount(ids, minlength=n)
-        sums += np.bincount(ids, weights=values, minlength=n)
-        squares += np.bincount(ids, weights=values * values, minlength=n)
-    faces = (a[0], a[-1], a[:, 0], a[:, -1], a[:, :, 0], a[:, :, -1])
-    on_border = set(np.unique(np.concatenate([f.ravel() for f in faces])).tolist())
-    sx, sy, sz = labels.geometry.spacing
-    voxel_mm3 = sx * sy * sz
-    rows = []
-    for i, c in sorted(labels.classes.items()):
-        count = int(counts[i]) if i < n else 0
-        mean = float(sums[i] / count) if count else None
-        std = float(np.sqrt(max(squares[i] / count - mean**2, 0.0))) if mean is not None else None
-        rows.append({
-            "id": i, "name": c.name, "category": c.category, "color": list(c.color),
-            "property_type": _code_dict(c.property_type),
-            "voxels": count,
-            "volume_ml": count * voxel_mm3 / 1000.0,  # exactly voxels x voxel volume
-            "mean_hu": None if mean is None else round(mean, 2),
-            "std_hu": None if std is None else round(std, 2),
-            "touches_border": i in on_border,
-        })
-    return rows
-
-
 # --- report parts -------------------------------------------------------------------------------
-
-
-def _code_dict(code: Code | None) -> dict[str, str] | None:
-    return None if code is None else {"value": code.value, "scheme": code.scheme, "meaning": code.meaning}
 
 
 def _error_dict(error: PipelineError) -> dict[str, str]:

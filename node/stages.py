@@ -91,6 +91,9 @@ class PipelineContext:
     #: Told of each output as soon as a stage has written it (set by the pipeline: a progress event
     #: of status ``output``, which the worker hands to the outbox while the run goes on).
     announce: Callable[[str, str, Path], None] | None = field(default=None, repr=False)
+    #: The stages run so far, as report.json lists them (name, state, seconds); set by the pipeline.
+    stages_run: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    _structures: list[dict[str, Any]] | None = field(default=None, repr=False)
 
     @property
     def options(self) -> dict[str, Any]:
@@ -122,6 +125,15 @@ class PipelineContext:
         if self.announce is not None:
             self.announce(self.stage, name, path)
         return path
+
+    def structures(self) -> list[dict[str, Any]]:
+        """Per structure: id, name, voxels, volume (mL), mean and SD of HU, ... (:mod:`node.stats`),
+        computed once the labels are final (the first output stage to ask) and shared by all."""
+        if self._structures is None:
+            from node.stats import structure_stats
+
+            self._structures = structure_stats(self.labels, self.ct)
+        return self._structures
 
     def record(self, **values: Any) -> None:
         """Add QC values for the running stage (``report.json`` ``qc.<stage>``)."""

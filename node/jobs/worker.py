@@ -107,6 +107,10 @@ def seg_uids(job: Job) -> dict[str, str]:
     }
 
 
+#: Outputs whose UIDs derive from the job id (their ``uid_seed`` option), as the SEG's do (:func:`seg_uids`).
+SEEDED_OUTPUTS = ("rtstruct", "sr", "review", "dicom_mesh")
+
+
 def build_request(job: Job, settings: Settings) -> Any:
     """The pipeline request of a job: the rule's pipeline over the ``[segmentation]`` settings."""
     from node.pipeline import request_from_settings
@@ -117,6 +121,9 @@ def build_request(job: Job, settings: Settings) -> Any:
         seg = stage_options.setdefault("seg", {})
         for key, uid in seg_uids(job).items():
             seg.setdefault(key, uid)  # a rule's own UIDs win
+    for name in SEEDED_OUTPUTS:
+        if name in (spec.get("outputs") or ()):
+            stage_options.setdefault(name, {}).setdefault("uid_seed", job.id)
     return request_from_settings(
         settings,
         engine=spec.get("engine"),

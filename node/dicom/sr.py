@@ -1,0 +1,202 @@
+"""The measurements SR: a Comprehensive 3D SR holding a TID 1500 Measurement Report (highdicom.sr).
+
+One Volumetric ROI measurement group (TID 1411) per structure, each citing its segment in the run's
+DICOM-SEG (the SEG's SOP Instance UID and segment number, TID 1411 "Referenced Segment"):
+
+* Volume (SCT 118565006) in mL: voxels x voxel volume, the figure of ``stats.csv``;
+* Attenuation Coefficient (DCM 112031) in HU, derivation Mean (SCT 373098007) and Standard Deviation
+  (SCT 386136009), over the structure's voxels;
+* Finding type and category: the segment's SNOMED property type and category.
+
+The portal/hepatic split's QC (``liver_vessels`` stage) is one more group (TID 1501, image-level
+measurements): voxel counts and fractions as numeric measurements, and whether the split ran as a
+qualitative evaluation. This is the form Imaging Data Commons uses for derived data (SEG + TID 1500).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from node import __version__
+from node.dicom.codes import segment_codes
+from node.dicom.derived import default_series_number, derived_uid
+from node.errors import NodeError
+
+if TYPE_CHECKING:
+    from node.stages import PipelineContext
+
+SR_FILE = "sr.dcm"
+SEG_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.66.4"
+#: The split's QC figures that go into the SR (numbers from ``qc.liver_vessels.portal_hepatic_split_qc``).
+SPLIT_FIGURES = {
+    "portal_voxels": ("voxels", "{voxels}"), "hepatic_voxels": ("voxels", "{voxels}"),
+    "unassigned_voxels": ("voxels", "{voxels}"), "total_vessel_voxels": ("voxels", "{voxels}"),
+    "portal_fraction": ("fraction", "1"), "hepatic_fraction": ("fraction", "1"),
+    "unassigned_fraction": ("fraction", "1"),
+}
+
+
+class SrError(NodeError):
+    """A measurements SR that cannot be written (bad option, no SEG to cite)."""
+
+
+@dataclass(frozen=True)
+class SrOptions:
+    series_uid: str | None = None
+    sop_uid: str | None = None
+    uid_seed: str | None = None
+    series_number: int | None = None
+    series_description: str | None = None
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any] | None) -> SrOptions:
+        values = dict(values or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise SrError("bad_option", f"unknown SR option(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+def _code(code: Any) -> Any:
+    import highdicom as hd
+
+    return hd.sr.CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
+
+
+def build_sr(seg: Dataset, structures: list[dict[str, Any]], *, segment_numbers: dict[int, int],
+             classes: dict[int, Any], split_qc: dict[str, Any] | None = None,
+             options: SrOptions = SrOptions(), algorithm: str = "segnode") -> Any:
+    """The SR of ``structures`` (:func:`node.stats.structure_stats` rows), citing ``seg`` (its header
+    suffices) and its segment numbers by label id."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=derived_uid(options.uid_seed, "sr device"), name="segnode", manufacturer_name="segnode",
+            model_name=algorithm[:64]),
+    )
+    context = hd.sr.ObservationContext(observer_person_context=None, observer_device_context=observer)
+    algorithm_id = hd.sr.AlgorithmIdentification(name="segnode", version=__version__)
+    source_series = hd.sr.SourceSeriesForSegmentation(str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID))
+    groups: list[Any] = []
+    for row in structures:
+        number = segment_numbers.get(row["id"])
+        if number is None or not row["voxels"]:
+            continue
+        codes_of = segment_codes(classes[row["id"]])  # the SEG's segment codes
+        measurements = [hd.sr.Measurement(name=codes.SCT.Volume, value=float(row["volume_ml"]),
+                                          unit=codes.UCUM.Milliliter if hasattr(codes.UCUM, "Milliliter")
+                                          else hd.sr.CodedConcept("mL", "UCUM", "milliliter"),
+                                          algorithm_id=algorithm_id)]
+        if row["mean_hu"] is not None:
+            for value, derivation in ((row["mean_hu"], codes.SCT.Mean), (row["std_hu"], codes.SCT.StandardDeviation)):
+                measurements.append(hd.sr.Measurement(
+                    name=codes.DCM.AttenuationCoefficient, value=float(value), unit=codes.UCUM.HounsfieldUnit,
+                    derivation=derivation, algorithm_id=algorithm_id))
+        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=derived_uid(options.uid_seed, "sr tracking", str(row["id"])), identifier=row["name"][:64]),
+            referenced_segment=hd.sr.ReferencedSegment(
+                sop_class_uid=str(seg.SOPClassUID), sop_instance_uid=str(seg.SOPInstanceUID),
+                segment_number=number, source_series=source_series),
+            finding_type=_code(codes_of.type), finding_category=_code(codes_of.category),
+            algorithm_id=algorithm_id,
+            measurements=measurements,
+        ))
+    if split_qc and "portal_voxels" in split_qc:
+        figures = []
+        for key, (what, unit) in SPLIT_FIGURES.items():
+            if key in split_qc:
+                figures.append(hd.sr.Measurement(
+                    name=hd.sr.CodedConcept(key, "99SEGNODE", key.replace("_", " ")[:64]),
+                    value=float(split_qc[key]), unit=hd.sr.CodedConcept(unit, "UCUM", what),
+                    algorithm_id=algorithm_id))
+        warned = bool(split_qc.get("warnings"))
+        evaluation = hd.sr.QualitativeEvaluation(
+            name=hd.sr.CodedConcept("split_qc", "99SEGNODE", "Portal/hepatic split QC"),
+            value=hd.sr.CodedConcept(*(("warned", "99SEGNODE", "Warnings, see report") if warned
+                                       else ("passed", "99SEGNODE", "No warning"))))
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=derived_uid(options.uid_seed, "sr tracking split"), identifier="portal/hepatic split"),
+            finding_type=hd.sr.CodedConcept("59820001", "SCT", "Blood vessel"),
+            algorithm_id=algorithm_id, measurements=figures, qualitative_evaluations=[evaluation]))
+    report = hd.sr.MeasurementReport(observation_context=context,
+                                     procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
+                                     imaging_measurements=groups)
+    return report
+
+
+def write_sr(seg_path: Path, structures: list[dict[str, Any]], classes: dict[int, Any], out: Path, *,
+             split_qc: dict[str, Any] | None = None, options: SrOptions = SrOptions(),
+             algorithm: str = "segnode") -> Path:
+    """``out``: the SR citing the SEG at ``seg_path`` (segment numbers read from it)."""
+    import highdicom as hd
+
+    from node.dicom.derived import write
+    from node.dicom.modules import patient_study
+
+    seg = pydicom.dcmread(seg_path, stop_before_pixels=True)
+    numbers = _segment_numbers(seg)
+    content = build_sr(seg, structures, segment_numbers=numbers, classes=classes, split_qc=split_qc,
+                       options=options, algorithm=algorithm)
+    evidence = Dataset()  # the SEG's identity and its patient and study (what highdicom copies)
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality"):
+        setattr(evidence, keyword, seg.get(keyword))
+    evidence.update(patient_study(seg))
+    series_number = options.series_number
+    if series_number is None:
+        from node.volume import SeriesIdentity
+
+        base = int(seg.get("SeriesNumber") or 0) % 1000
+        series_number = default_series_number("sr", SeriesIdentity("", "", "", "", "", series_number=base))
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[evidence], content=content,
+        series_instance_uid=options.series_uid or derived_uid(options.uid_seed, "sr series"),
+        series_number=series_number,
+        sop_instance_uid=options.sop_uid or derived_uid(options.uid_seed, "sr instance"),
+        instance_number=1, manufacturer="segnode", is_complete=True, is_final=False,
+        series_description=(options.series_description or "segnode measurements")[:64],
+    )
+    sr.SoftwareVersions = __version__
+    sr.ManufacturerModelName = "segnode"
+    return write(sr, out)
+
+
+def _segment_numbers(seg: Dataset) -> dict[int, int]:
+    """Label id -> segment number, by the SEG's private label id element (else the number itself)."""
+    from node.dicom.seg_read import _label_id
+
+    out = {}
+    for item in seg.SegmentSequence:
+        number = int(item.SegmentNumber)
+        out[_label_id(item) or number] = number
+    return out
+
+
+def sr_output(ctx: PipelineContext) -> None:
+    """Output stage ``sr``: ``sr.dcm``, the measurements of the final labels, citing the run's SEG.
+
+    Needs the ``seg`` output in the same run (skipped, with that reason, without it)."""
+    from node.stages import StageSkipped
+
+    seg = ctx.artifacts.get("seg")
+    if seg is None:
+        raise StageSkipped("the measurements SR cites the DICOM-SEG: ask for the seg output too")
+    options = SrOptions.from_mapping(ctx.options)
+    split = (ctx.qc.get("liver_vessels") or {}).get("portal_hepatic_split_qc")
+    engine = ctx.request.segment
+    path = write_sr(Path(seg), ctx.structures(), ctx.labels.classes, ctx.outdir / SR_FILE,
+                    split_qc=split if isinstance(split, dict) else None, options=options,
+                    algorithm=f"segnode {engine.engine} {engine.task}")
+    ctx.add_output("sr", path)
+    ctx.record(groups=len(ctx.structures()) + (1 if split and "portal_voxels" in split else 0),
+               bytes=path.stat().st_size)
