@@ -50,12 +50,14 @@ from typing import Any
 from node import logs
 from node.config import Destination, OutboxSection, Settings
 from node.export.senders import DeliveryError, Failure, Item, Sender, make_sender
-from node.sqlite import connect_durable
+from node.sqlite import Schema, connect_durable, open_store, statements
 
 log = logging.getLogger(__name__)
 
 STATES = ("pending", "delivering", "delivered", "failed", "cancelled")
-_SCHEMA = """
+#: ``outbox.db``. Version 0: segnode 0.1.0 (unversioned), ``instances.path`` absolute; 1: ``path`` relative
+#: to ``<data_dir>/outbox`` (the file name), so a data folder can be moved or restored elsewhere.
+SCHEMA = Schema("outbox", 1, statements("""
 CREATE TABLE IF NOT EXISTS instances (
     sop_uid TEXT PRIMARY KEY, sop_class_uid TEXT NOT NULL, study_uid TEXT NOT NULL,
     series_uid TEXT NOT NULL, transfer_syntax TEXT NOT NULL, path TEXT NOT NULL, size INTEGER NOT NULL,
@@ -74,7 +76,9 @@ CREATE TABLE IF NOT EXISTS job_deliveries (
     job_id TEXT NOT NULL, destination TEXT NOT NULL, sop_uid TEXT NOT NULL,
     PRIMARY KEY (job_id, destination, sop_uid));
 CREATE INDEX IF NOT EXISTS job_deliveries_sop ON job_deliveries (destination, sop_uid);
-"""
+"""), migrations={
+    0: ("UPDATE instances SET path = sop_uid || '.dcm' WHERE path LIKE '%/' || sop_uid || '.dcm'",),
+})
 #: Instances per STOW-RS request or C-STORE association.
 BATCH = 50
 
@@ -135,7 +139,7 @@ class Outbox:
         self._stop = threading.Event()
         self._wake = {name: threading.Event() for name in self.destinations}
         self._threads: list[threading.Thread] = []
-        self._db().executescript(_SCHEMA)
+        self._adopt(open_store(self.db_path, SCHEMA))
         self.recovered = self._recover() if recover else 0
 
     @classmethod
@@ -152,12 +156,14 @@ class Outbox:
     # --- SQLite ---------------------------------------------------------------------------------
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
-        if db is None:
-            db = connect_durable(self.db_path)
-            db.row_factory = sqlite3.Row
-            self._local.db = db
-            with self._connections_lock:
-                self._connections.append(db)
+        return db if db is not None else self._adopt(connect_durable(self.db_path))
+
+    def _adopt(self, db: sqlite3.Connection) -> sqlite3.Connection:
+        """``db`` becomes this thread's connection (closed by :meth:`close`)."""
+        db.row_factory = sqlite3.Row
+        self._local.db = db
+        with self._connections_lock:
+            self._connections.append(db)
         return db
 
     @contextmanager
@@ -266,7 +272,7 @@ class Outbox:
                         i.study_uid,
                         i.series_uid,
                         i.transfer_syntax,
-                        str(i.path),
+                        i.path.name,  # relative to the outbox folder (schema version 1)
                         s.size,
                         now,
                     ),
@@ -522,7 +528,7 @@ class Outbox:
             study_uid=row["study_uid"],
             series_uid=row["series_uid"],
             transfer_syntax=row["transfer_syntax"],
-            path=Path(row["path"]),
+            path=self.root / row["path"],  # a name; an absolute path (a version 0 row) stays as it is
         )
 
     def _delete_superseded(self, name: str, job_id: str) -> None:

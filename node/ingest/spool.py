@@ -37,6 +37,9 @@ from node.ingest.journal import Journal, JournalBusy
 
 log = logging.getLogger(__name__)
 
+#: ``spool/index.sqlite``, derived from the spool's files. 0: segnode 0.1.0 (unversioned); 1: the same
+#: table, versioned (0 is stamped 1). A newer release's index is rebuilt from the files, not read.
+INDEX_VERSION = 1
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
     sop_uid TEXT PRIMARY KEY,
@@ -214,7 +217,19 @@ class Spool:
                 # The files are the truth and reconcile() rebuilds the index, so no fsync here.
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=OFF")
+                found = db.execute("PRAGMA user_version").fetchone()[0]
+                if found > INDEX_VERSION:
+                    # A derived store: a newer release's index is not read but rebuilt from the files.
+                    db.close()
+                    log.info("spool index %s has schema version %d, this release writes %d; rebuilding it "
+                             "from the files", path, found, INDEX_VERSION)
+                    for suffix in ("", "-wal", "-shm"):
+                        Path(f"{path}{suffix}").unlink(missing_ok=True)
+                    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+                    db.execute("PRAGMA journal_mode=WAL")
+                    db.execute("PRAGMA synchronous=OFF")
                 db.executescript(_SCHEMA)
+                db.execute(f"PRAGMA user_version = {INDEX_VERSION}")
                 return db
             except sqlite3.DatabaseError as exc:
                 if attempt:

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from node.sqlite import connect_durable
+from node.sqlite import Schema, connect_durable, open_store, statements
 
 State = Literal["queued", "running", "done", "failed", "superseded"]
 STATES: tuple[State, ...] = ("queued", "running", "done", "failed", "superseded")
@@ -366,6 +366,18 @@ class JobStore:
 
 # --- SQLite ---------------------------------------------------------------------------------------
 
+#: ``jobs.db``. Version 0: segnode 0.1.0 (unversioned); 1: the same tables, versioned.
+SCHEMA = Schema("job store", 1, statements("""
+    create table if not exists jobs (id text primary key, key text unique not null,
+        series_uid text not null, state text not null, created real not null,
+        version integer not null, doc text not null);
+    create index if not exists jobs_series on jobs (series_uid);
+    create index if not exists jobs_state on jobs (state, created);
+    create index if not exists jobs_created on jobs (created);
+    create table if not exists series (uid text primary key, updated real not null, doc text not null)
+"""), migrations={0: ()})
+
+
 class SqliteBackend:
     """``jobs.db``: one row per job (indexed columns + the JSON record), one per series."""
 
@@ -373,16 +385,7 @@ class SqliteBackend:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        with self._db() as db:
-            db.executescript(
-                "create table if not exists jobs (id text primary key, key text unique not null, "
-                "series_uid text not null, state text not null, created real not null, "
-                "version integer not null, doc text not null);"
-                "create index if not exists jobs_series on jobs (series_uid);"
-                "create index if not exists jobs_state on jobs (state, created);"
-                "create index if not exists jobs_created on jobs (created);"
-                "create table if not exists series (uid text primary key, updated real not null, doc text not null);"
-            )
+        self._local.db = open_store(self.path, SCHEMA)
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)

@@ -24,9 +24,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from node.sqlite import connect_durable
+from node.sqlite import Schema, connect_durable, open_store, statements
 
-_SCHEMA = """
+#: ``annotations.sqlite``. Version 0: segnode 0.1.0 (unversioned); 1: the same table, versioned.
+SCHEMA = Schema("annotation log", 1, statements("""
 CREATE TABLE IF NOT EXISTS annotations (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     time TEXT NOT NULL,
@@ -46,7 +47,7 @@ CREATE TABLE IF NOT EXISTS annotations (
     UNIQUE (series_uid, version)
 );
 CREATE INDEX IF NOT EXISTS annotations_series ON annotations (series_uid, version);
-"""
+"""), migrations={0: ()})
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,8 @@ class AnnotationLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._db().executescript(_SCHEMA)
+        self._local.db = open_store(self.path, SCHEMA)
+        self._local.db.row_factory = sqlite3.Row
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
