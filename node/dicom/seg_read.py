@@ -242,6 +242,11 @@ def parse_seg(seg: Path | str | Dataset) -> ParsedSeg:
         notes.append(f"no SegmentationType: taken as {kind}")
     if kind not in ("BINARY", "FRACTIONAL", "LABELMAP"):
         raise SegError("unsupported", f"SegmentationType {kind} is not supported")
+    if kind == "FRACTIONAL":
+        top = _maximum_fractional(ds)
+        notes.append(f"FRACTIONAL ({ds.get('SegmentationFractionalType', 'PROBABILITY')}) SEG read as "
+                     f"binary: a voxel is in a segment where its value is at least {top / 2:g} (half of "
+                     f"MaximumFractionalValue {top})")
     labelmap = kind == "LABELMAP"
 
     shared = list(ds.get("SharedFunctionalGroupsSequence") or [])[:1]
@@ -541,15 +546,46 @@ def place_frames(frames: Sequence[SegFrame], geometry: Geometry, shape: tuple[in
 
 def frame_pixels(ds: Dataset, rows: int, cols: int, count: int) -> Callable[[int], np.ndarray]:
     """A function giving frame ``index``'s stored values as a (rows, cols) array. Native pixel data is
-    read frame by frame (bit-packed BINARY frames unpacked LSB first, PS3.5 8.1.1); encapsulated data
-    (RLE, JPEG 2000, ...) is decoded once by pydicom."""
+    read frame by frame (bit-packed BINARY frames unpacked LSB first, PS3.5 8.1.1); RLE with Bits
+    Allocated 1 and Deflated Image Frame Compression by :mod:`node.dicom.frame_codecs`; other
+    encapsulated data (RLE, JPEG 2000, ...) is decoded once by pydicom. A transfer syntax none of them
+    decodes is a ``SegError`` (``unsupported_transfer_syntax``) that names it."""
+    from node.dicom.frame_codecs import DECODERS, OWN_DECODERS, RLE_LOSSLESS
+
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     bits = int(ds.get("BitsAllocated", 1))
     n = rows * cols
-    if ts is not None and pydicom.uid.UID(ts).is_encapsulated:
+    uid = pydicom.uid.UID(str(ts)) if ts else None
+    name = OWN_DECODERS.get(str(ts)) or (uid.name if uid is not None else "")
+    try:
+        encapsulated = uid is not None and (str(ts) in OWN_DECODERS or uid.is_encapsulated)
+    except ValueError:  # a UID pydicom does not know as a transfer syntax
+        raise SegError("unsupported_transfer_syntax",
+                       f"the SEG's transfer syntax {ts} is not one this node can decode") from None
+    if encapsulated:
+        decoder = DECODERS.get(str(ts))
+        if decoder is not None and (str(ts) != RLE_LOSSLESS or bits == 1):
+            from pydicom.encaps import generate_frames
+
+            try:
+                fragments = list(generate_frames(ds.PixelData, number_of_frames=count))
+                decoded = [decoder(fragment, rows, cols, bits) for fragment in fragments]
+            except Exception as exc:  # a truncated or malformed stream
+                raise SegError("pixel_data", f"the SEG's {name} pixel data cannot be decoded: {exc}") from None
+            if len(decoded) < count:
+                raise SegError("pixel_data", f"the SEG's {name} pixel data holds {len(decoded)} frames, "
+                                             f"{count} expected")
+            return decoded.__getitem__
         from pydicom.pixels import iter_pixels
 
-        decoded = [frame.reshape(rows, cols) for frame in iter_pixels(ds, raw=True)]
+        try:
+            decoded = [frame.reshape(rows, cols) for frame in iter_pixels(ds, raw=True)]
+        except NotImplementedError as exc:  # pydicom has no decoder (plugin) for it
+            raise SegError("unsupported_transfer_syntax",
+                           f"the SEG's transfer syntax {ts} ({name}) cannot be decoded here: {exc}") from None
+        except Exception as exc:
+            raise SegError("pixel_data", f"the SEG's {name} ({ts}) pixel data cannot be decoded: "
+                                         f"{type(exc).__name__}: {exc}") from None
         return decoded.__getitem__
     data = ds.PixelData
     needed = (count * n * bits + 7) // 8
@@ -573,6 +609,15 @@ def frame_pixels(ds: Dataset, rows: int, cols: int, count: int) -> Callable[[int
     return frame
 
 
+def _maximum_fractional(ds: Dataset) -> int:
+    """MaximumFractionalValue (PS3.3 C.8.20.2; 255 when missing or not a positive number)."""
+    try:
+        value = int(ds.get("MaximumFractionalValue", 255) or 255)
+    except (TypeError, ValueError):
+        return 255
+    return value if value > 0 else 255
+
+
 def frame_masks(parsed: ParsedSeg, values: np.ndarray, frame: SegFrame) -> Iterator[tuple[int, np.ndarray]]:
     """(segment number, mask) for each segment in a frame's stored values: the frame's segment for
     BINARY; for FRACTIONAL, where the value is at least half of MaximumFractionalValue; each described
@@ -583,8 +628,7 @@ def frame_masks(parsed: ParsedSeg, values: np.ndarray, frame: SegFrame) -> Itera
                 yield int(number), values == number
         return
     if parsed.segmentation_type == "FRACTIONAL":
-        limit = int(parsed.dataset.get("MaximumFractionalValue", 255) or 255)
-        yield frame.segment, values >= limit / 2.0  # type: ignore[misc]
+        yield frame.segment, values >= _maximum_fractional(parsed.dataset) / 2.0  # type: ignore[misc]
         return
     yield frame.segment, values.astype(bool)  # type: ignore[misc]
 

@@ -31,7 +31,8 @@ _SOP_CLASS = {"CT": CTImageStorage, "MR": MRImageStorage}
 class SeriesInfo:
     """The identifying attributes written into every instance of a series."""
 
-    patient_name: str = "Phantom^Abdomen"
+    #: Words that appear nowhere else: the log scrub removes each part of a patient name it has seen.
+    patient_name: str = "Phantompatient^Nobody"
     patient_id: str = "SEGNODE-PHANTOM"
     study_description: str = "segnode phantom"
     series_description: str = "Phantom CT portal venous"

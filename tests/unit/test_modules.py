@@ -83,5 +83,5 @@ def test_seg_copies_the_sources_patient_and_study(tmp_path: Path) -> None:
     array[2, 3:6, 3:6] = 1
     seg = build_seg(LabelVolume(array, volume.geometry, source=volume.source), headers)
     assert (seg.PatientName, seg.PatientID, seg.PatientBirthDate, seg.PatientSex) == (
-        "Phantom^Abdomen", "SEGNODE-PHANTOM", "19700102", "F")
+        "Phantompatient^Nobody", "SEGNODE-PHANTOM", "19700102", "F")
     assert (seg.AccessionNumber, seg.StudyID, seg.PatientAge, seg.PatientWeight) == ("ACC42", "1", "056Y", 71)

@@ -66,9 +66,9 @@ def test_threshold_run_writes_labels_on_the_series_grid_and_a_report(phantom, tm
         assert s["voxels"] == counts[s["id"]]
         assert s["volume_ml"] == s["voxels"] * (3.2 * 3.2 * 6.0) / 1000.0
         assert s["mean_hu"] == round(float(hu[labels.array == s["id"]].mean()), 2)
-    # No patient name or ID (the phantom's are Phantom^Abdomen and SEGNODE-PHANTOM) in the report.
+    # No patient name or ID (the phantom's are Phantompatient^Nobody and SEGNODE-PHANTOM) in the report.
     text = (tmp_path / "out" / "report.json").read_text()
-    assert "Phantom^Abdomen" not in text and "SEGNODE-PHANTOM" not in text
+    assert "Phantompatient" not in text and "SEGNODE-PHANTOM" not in text
 
     rows = list(csv.DictReader((tmp_path / "out" / "stats.csv").open()))
     assert [r["name"] for r in rows] == names
