@@ -93,6 +93,8 @@ OUTPUT_STAGES: dict[str, str] = {
     "seg": "node.dicom.seg:seg_output",
     "rtstruct": "node.dicom.rtstruct:rtstruct_output",
     "sr": "node.dicom.sr:sr_output",
+    "review": "node.artifacts.review:review_output",
+    "dicom_mesh": "node.dicom.mesh_dicom:dicom_mesh_output",
     "meshes": "node.artifacts.mesh:meshes_stage",
     "slices": "node.artifacts.slices:slices_stage",
     "blender": "node.artifacts.blender:blender_stage",
@@ -103,7 +105,7 @@ STANDARD_OUTPUTS = ("labels", "nifti", "classes", "stats", "report")
 #: written right after the labels are final, before the standard files and the other outputs
 #: (meshes, slices, Blender), and each is announced (a ``ProgressEvent`` of status ``output``) as
 #: soon as it exists, so that the worker hands it to the outbox while the run goes on.
-DELIVERED_OUTPUTS = ("seg", "rtstruct", "sr")
+DELIVERED_OUTPUTS = ("seg", "rtstruct", "sr", "review", "dicom_mesh")
 
 
 def request_from_settings(

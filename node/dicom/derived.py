@@ -97,3 +97,17 @@ def options_seed(options: dict[str, Any]) -> str | None:
     """The UID seed a job gives an output (``uid_seed``), if any."""
     seed = options.get("uid_seed")
     return str(seed) if seed else None
+
+
+def encapsulate_document(ds: Dataset, data: bytes, mime_type: str, title: str) -> Dataset:
+    """The Encapsulated Document module (PS3.3 C.24.2) on ``ds``: ``data`` as it is (an odd length
+    padded, EncapsulatedDocumentLength giving the unpadded one), its MIME type and title."""
+    ds.InstanceNumber = 1
+    ds.AcquisitionDateTime = ds.ContentDate + ds.ContentTime
+    ds.BurnedInAnnotation = "NO"
+    ds.DocumentTitle = title[:64]
+    ds.ConceptNameCodeSequence = []
+    ds.MIMETypeOfEncapsulatedDocument = mime_type
+    ds.EncapsulatedDocumentLength = len(data)
+    ds.EncapsulatedDocument = data + (b"\0" if len(data) % 2 else b"")
+    return ds

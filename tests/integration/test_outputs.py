@@ -5,6 +5,10 @@
   the smallest); every point lies on its CT slice's plane (0.01 mm); names, colours and codes are the SEG's.
 * Measurements SR: dciodvfy finds no error; highdicom reads it back; every volume equals stats.csv
   (0.1 %), every reference resolves to a segment of the run's SEG with that structure's label.
+* Review sheet: dciodvfy finds no error in the Encapsulated PDF, which holds review.pdf; each view of
+  review.png shows, pixel for pixel, the labels of the slice it names, in their colours over the CT.
+* DICOM meshes: dciodvfy finds no error; each instance holds its STL byte for byte, watertight, in the
+  CT's frame of reference, named after its structure.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from node.segment import SegmentRequest
 
 pytestmark = pytest.mark.integration
 
-ALL_OUTPUTS = ("seg", "rtstruct", "sr")
+ALL_OUTPUTS = ("seg", "rtstruct", "sr", "review", "dicom_mesh")
 
 
 @pytest.fixture(scope="module")
@@ -174,3 +178,78 @@ def test_sr_carries_the_split_qc(run: PipelineResult, tmp_path: Path) -> None:
     assert figures == {k: pytest.approx(v) for k, v in qc.items() if k != "warnings"}
     (evaluation,) = group.get_qualitative_evaluations()
     assert evaluation.value.value == "passed"
+
+
+def test_review_pdf_instance_is_valid_and_holds_the_pdf(run: PipelineResult) -> None:
+    errors, _ = dciodvfy_errors(run.paths["review"])
+    assert errors == []
+    ds = pydicom.dcmread(run.paths["review"])
+    pdf = (run.outdir / "review.pdf").read_bytes()
+    assert pdf.startswith(b"%PDF-")
+    assert bytes(ds.EncapsulatedDocument)[: ds.EncapsulatedDocumentLength] == pdf
+    assert ds.MIMETypeOfEncapsulatedDocument == "application/pdf" and ds.Modality == "DOC"
+    assert ds.StudyInstanceUID == run.ct.source.study_uid
+
+
+def test_review_png_shows_the_labels_of_the_slices_it_names(run: PipelineResult) -> None:
+    import json
+
+    from PIL import Image
+
+    png = np.asarray(Image.open(run.outdir / "review.png").convert("RGB")).astype(int)
+    index = json.loads((run.outdir / "review.json").read_text())
+    labels, ct = run.labels.array, run.ct.array
+    colours = np.zeros((256, 3))
+    for i, c in run.labels.classes.items():
+        colours[i] = c.color
+    centre = [int(round(float(np.nonzero(labels)[a].mean()))) for a in range(3)]
+    level, width = index["window"][0], index["window"][1]
+    views = {v["name"]: v for v in index["views"]}
+    assert set(views) == {"axial", "coronal", "sagittal", "vessels"}
+    for name, axis, take in (("axial", 0, lambda a, n: a[n]), ("coronal", 1, lambda a, n: a[:, n, :][::-1]),
+                             ("sagittal", 2, lambda a, n: a[:, :, n][::-1])):
+        view = views[name]
+        assert view["index"] == centre[axis], name  # through the centre of the labelled voxels
+        x0, y0, x1, y1 = view["box"]
+        size = (x1 - x0, y1 - y0)
+        def nearest(a: np.ndarray) -> np.ndarray:  # the pixel under each output pixel's centre
+            r = [int((y + 0.5) * a.shape[0] // size[1]) for y in range(size[1])]
+            c = [int((x + 0.5) * a.shape[1] // size[0]) for x in range(size[0])]
+            return a[np.ix_(r, c)]
+
+        plane = nearest(take(labels, view["index"]))
+        hu = nearest(take(ct, view["index"]).astype(float))
+        grey = np.clip((hu - (level - width / 2)) / width, 0, 1) * 255
+        shown = png[y0:y1, x0:x1]
+        expected = np.where(plane[..., None] > 0, 0.5 * grey[..., None] + 0.5 * colours[plane], grey[..., None])
+        off = np.abs(shown - expected).max(axis=2) > 2
+        assert plane.any() and off.mean() < 0.002, (name, off.mean())
+        coloured = (shown.max(axis=2) - shown.min(axis=2)) > 2
+        assert np.array_equal(coloured | (plane == 0), np.ones_like(coloured)), name  # every label pixel tinted
+        assert not coloured[plane == 0].any(), name  # and nothing else
+
+
+def test_dicom_meshes_hold_the_watertight_stl_files(run: PipelineResult) -> None:
+    import trimesh
+
+    from node.dicom.mesh_dicom import extracted_stl
+
+    folder = run.outdir / "dicom_mesh"
+    instances = sorted(folder.glob("*.dcm"))
+    names = {c.name for c in run.labels.classes.values()}
+    assert len(instances) == len(names)
+    series, sops = set(), set()
+    for path in instances:
+        errors, _ = dciodvfy_errors(path)
+        assert errors == [], (path.name, errors)
+        ds = pydicom.dcmread(path)
+        stl = path.with_suffix(".stl")
+        assert extracted_stl(path) == stl.read_bytes()
+        mesh = trimesh.load(stl, file_type="stl")
+        assert mesh.is_watertight and mesh.volume > 0, path.name
+        assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.104.3" and ds.MIMETypeOfEncapsulatedDocument == "model/stl"
+        assert ds.FrameOfReferenceUID == run.ct.source.frame_of_reference_uid
+        assert ds.DocumentTitle == path.stem and ds.DocumentTitle in names
+        series.add(ds.SeriesInstanceUID)
+        sops.add(ds.SOPInstanceUID)
+    assert len(series) == 1 and len(sops) == len(instances)
