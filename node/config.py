@@ -143,6 +143,10 @@ class QueueSection(_Section):
     retry_delay_s: float = Field(default=30.0, ge=0)
     #: A running job whose worker sent no heartbeat for this long is run again.
     stale_after_s: float = Field(default=300.0, gt=0)
+    #: At SIGTERM, running jobs get this long to finish; those still running then are put back in
+    #: the queue (the cut-off attempt not counted) and run again at the next start or by another
+    #: worker. ``segnode install-service`` sets the unit's TimeoutStopSec above it.
+    stop_grace_s: float = Field(default=30.0, ge=0)
 
 
 class SegmentationSection(_Section):
@@ -430,9 +434,19 @@ def _describe(error: dict[str, Any], source: Path | None, environ: Mapping[str, 
     return f"{where}: {key} = {shown}: {error['msg']}"
 
 
-def load_settings(path: Path | None = None) -> Settings:
-    """Settings from the config file (``path``, else :func:`find_config`'s) and the environment."""
-    environ = os.environ
+class _FileSettings(Settings):
+    """The settings a file alone gives (what a service started with only that file will see)."""
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):  # type: ignore[no-untyped-def,override]
+        return (init_settings,)
+
+
+def load_settings(path: Path | None = None, *, environment: bool = True) -> Settings:
+    """Settings from the config file (``path``, else :func:`find_config`'s) and the environment
+    (``environment=False``: the file alone)."""
+    environ: Mapping[str, str] = os.environ if environment else {}
     source = find_config(Path(path) if path is not None else None, environ)
     variables = tuple(check_environment(environ))
     data: dict[str, Any] = {}
@@ -445,7 +459,7 @@ def load_settings(path: Path | None = None) -> Settings:
             raise ConfigError(f"{source.path}: cannot read: {exc.strerror}") from None
         _resolve_file_paths(data, Settings, source.path.parent)
     try:
-        settings = Settings(**data)
+        settings = (Settings if environment else _FileSettings)(**data)
     except ValidationError as exc:
         problems = [_describe(e, source.path, environ) for e in exc.errors()]
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""

@@ -13,6 +13,18 @@ compare-and-set). A lock file keeps a second ``serve`` off the same data folder,
 "every running job is an orphan at start" true with SQLite. For more machines, or to keep the engine
 out of the listener's process: ``[queue] backend = "redis"`` and ``segnode worker`` where the GPUs are
 (the spool folder must be shared with them, e.g. over NFS; job records live in Redis then).
+
+Stopping (SIGTERM or SIGINT, :func:`drain`). HTTP stops taking requests and finishes those in flight
+(10 s), the DICOM listener stops (stores in progress finish, open associations are cut: the sender
+has no acknowledgement for the rest and sends it again), the workers take no new job and running
+jobs get ``[queue] stop_grace_s`` to finish; those still running then are requeued at once (the
+cut-off attempt not counted: :meth:`~node.jobs.worker.JobRunner.release_running`), so the next start,
+or another worker, runs them again, and the run left behind owns nothing. Then the outbox stops (a
+delivery in flight is asked about before it is sent again), the ingest journal is checkpointed and
+closed (every acknowledged instance durable in the spool, nothing to replay at the next start), and
+the job store is closed. A process with runs left behind ends with ``os._exit`` once all that is
+done (the CLI does it), instead of waiting for them. ``segnode install-service`` sets the unit's
+TimeoutStopSec to ``stop_grace_s`` plus :data:`STOP_MARGIN_S`.
 """
 
 from __future__ import annotations
@@ -37,6 +49,11 @@ from node.jobs.worker import Hook, JobRunner
 from node import metrics
 
 log = logging.getLogger(__name__)
+
+
+#: Seconds a stop needs beyond ``[queue] stop_grace_s``: HTTP's graceful end (10 s), the listener's
+#: (up to 10 s), the outbox, the journal checkpoint.
+STOP_MARGIN_S = 40
 
 
 class ServeError(Exception):
@@ -113,8 +130,21 @@ def _reload_on_sighup() -> None:
         signal.signal(signal.SIGHUP, lambda sig, frame: logs.reload())
 
 
-def serve(settings: Settings, *, on_started: Callable[[], None] | None = None) -> None:
-    """Run the node until SIGINT/SIGTERM."""
+def _drain(queue: JobQueue, runner: JobRunner, grace: float) -> int:
+    """Stop taking jobs, give running ones ``grace`` seconds, requeue the rest; how many were left."""
+    queue.stop(timeout=grace)
+    left = runner.release_running(f"node stopping: still running {grace:g} s after the stop signal "
+                                  "([queue] stop_grace_s)")
+    if left:
+        log.warning("stop: %d job(s) requeued, their runs cut off: %s", len(left), ", ".join(left))
+    else:
+        log.info("stop: no job running")
+    return len(left)
+
+
+def serve(settings: Settings, *, on_started: Callable[[], None] | None = None) -> int:
+    """Run the node until SIGINT/SIGTERM, then drain; returns how many runs were cut off (their
+    threads still run: the caller should end the process without waiting for them)."""
     import uvicorn
 
     from node.export.outbox import Outbox
@@ -183,16 +213,19 @@ def serve(settings: Settings, *, on_started: Callable[[], None] | None = None) -
         stop.set()
         if listener is not None:
             listener.stop()
-        queue.stop(timeout=30)
+        left = _drain(queue, runner[0], settings.queue.stop_grace_s)
         outbox.close()
         receiver.close()
+        log.info("journal closed: every acknowledged instance is in the spool by itself")
         store.close()
         lock.close()
         log.info("stopped")
+    return left
 
 
-def work(settings: Settings) -> None:
-    """``segnode worker``: run jobs from the Redis queue until SIGINT/SIGTERM (no listener, no HTTP)."""
+def work(settings: Settings) -> int:
+    """``segnode worker``: run jobs from the Redis queue until SIGINT/SIGTERM (no listener, no HTTP),
+    then drain as ``serve`` does; returns how many runs were cut off."""
     if settings.queue.backend != "redis":
         raise ServeError('segnode worker needs [queue] backend = "redis"; with SQLite, raise [queue] workers')
     store = open_store(settings)
@@ -206,10 +239,23 @@ def work(settings: Settings) -> None:
                             on_output=(outbox.enqueue_output,)))
     _warm_up()
     _reload_on_sighup()
-    log.info("worker: %d thread(s) on the Redis queue", settings.queue.workers)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        log.info("stopping (%s)", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
     outbox.start()
     try:
-        queue.consumer(settings.queue.workers, own_signals=True).run()
+        queue.start(settings.queue.workers)
+        log.info("worker: %d thread(s) on the Redis queue", settings.queue.workers)
+        while not stop.wait(1.0):
+            pass
     finally:
+        left = _drain(queue, runner[0], settings.queue.stop_grace_s)
         outbox.close()
         store.close()
+        log.info("stopped")
+    return left

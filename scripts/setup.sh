@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 # dicom3tools (dciodvfy), Redis, dcm2niix (independent geometry check in the tests).
 # Chromium: the browser tests (tests/browser) drive it through Playwright; no browser is downloaded,
 # and without /usr/bin/chromium those tests are skipped with that reason.
-DEBS=(orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools redis-server dcm2niix chromium)
+DEBS=(orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools redis-server dcm2niix chromium systemd)
 PYTHON=${PYTHON:-python3.11}
 
 missing=()

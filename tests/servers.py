@@ -614,14 +614,18 @@ quiet_seconds = 30
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def start(self) -> SegnodeServe:
+    def start(self, command: Sequence[str] | None = None, *, env: Mapping[str, str] | None = None,
+              cwd: Path | None = None) -> SegnodeServe:
+        """Start ``segnode --config CONFIG serve`` (or ``command``, e.g. a systemd unit's, in ``env``
+        and ``cwd``) and wait for ``/healthz``."""
         import httpx
 
         self.starts += 1
         with open(self.workdir / f"serve-{self.starts}.log", "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "node", "--config", str(self.config), "serve"], cwd=REPO, stdout=log,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+                list(command or [sys.executable, "-m", "node", "--config", str(self.config), "serve"]),
+                cwd=cwd or REPO, env=None if env is None else dict(env), stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
             )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

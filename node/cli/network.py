@@ -87,11 +87,26 @@ def serve_command() -> None:
     config = settings()
     _start_logging(config)
     try:
-        serve(config)
+        left = serve(config)
     except (ServeError, RulesError) as exc:
         raise fail(str(exc), 2) from None
     except OSError as exc:  # a port in use, an unwritable data folder
         raise fail(f"cannot start: {exc}") from None
+    _end(left)
+
+
+def _end(cut_off: int) -> None:
+    """After a drain that left runs behind (already requeued, owning nothing): end now, not when
+    their threads would (Python waits for non-daemon threads, e.g. a library's thread pool)."""
+    if cut_off:
+        import logging
+        import os
+        import sys
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def worker_command() -> None:
@@ -101,9 +116,10 @@ def worker_command() -> None:
     config = settings()
     _start_logging(config)
     try:
-        work(config)
+        left = work(config)
     except ServeError as exc:
         raise fail(str(exc), 2) from None
+    _end(left)
 
 
 def viewer_command(

@@ -88,11 +88,10 @@ class JobQueue:
     def pending(self) -> int:
         return self.huey.pending_count()
 
-    def consumer(self, workers: int, *, own_signals: bool = False) -> Consumer:
-        """Worker threads plus huey's scheduler (for delayed retries). With ``own_signals`` the
-        consumer handles SIGINT/SIGTERM itself (``segnode worker``)."""
-        base = Consumer if own_signals else _QuietConsumer
-        cls = type(base.__name__, (base,), {"worker_class": _wakeable(self._wake)})
+    def consumer(self, workers: int) -> Consumer:
+        """Worker threads plus huey's scheduler (for delayed retries); signals are the host's
+        (``segnode serve`` and ``segnode worker`` drain on SIGTERM, see :mod:`node.serve`)."""
+        cls = type("Consumer", (_QuietConsumer,), {"worker_class": _wakeable(self._wake)})
         return cls(self.huey, workers=workers, worker_type="thread", periodic=False,
                    initial_delay=0.05, backoff=1.5, max_delay=0.5, check_worker_health=True)
 

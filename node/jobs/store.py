@@ -319,6 +319,21 @@ class JobStore:
 
         return self.mutate(job_id, change)
 
+    def release(self, job_id: str, run_id: str, reason: str) -> Job | None:
+        """A run cut off on purpose (the node stops): back to queued, the attempt not counted.
+        None if the run no longer owns the job (it finished or was superseded meanwhile)."""
+        now = self.clock()
+
+        def change(j: Job) -> bool:
+            if j.state != "running" or j.run_id != run_id:
+                return False
+            j.state, j.run_id, j.not_before, j.stage, j.progress = "queued", None, 0.0, "", 0.0
+            j.attempts = max(0, j.attempts - 1)
+            j.note("requeued", reason, now)
+            return True
+
+        return self.mutate(job_id, change)
+
     def orphaned(self, job_id: str, reason: str) -> Job | None:
         """A running job whose worker is gone: queued again, or failed once its attempts are used up
         (a job that kills its worker every time, e.g. out of memory, must not loop forever)."""

@@ -158,6 +158,9 @@ class JobRunner:
         self.heartbeat_s = heartbeat_s or max(0.5, settings.queue.stale_after_s / 5)
         self.results_root = Path(settings.node.data_dir) / "results"
         self.worker = worker_id()
+        #: Runs in progress in this process: job id -> (run id, the run's "lost" event).
+        self._active: dict[str, tuple[str, threading.Event]] = {}
+        self._active_lock = threading.Lock()
 
     def __call__(self, job_id: str) -> None:
         self.run(job_id)
@@ -181,6 +184,8 @@ class JobRunner:
         outdir = self.results_root / job.id / job.run_id
         clock = StageClock()
         lost = threading.Event()
+        with self._active_lock:
+            self._active[job.id] = (job.run_id, lost)
         stop_beat = threading.Event()
         beat = threading.Thread(target=self._beat, args=(job, lost, stop_beat), daemon=True,
                                 name=f"heartbeat-{job.id}")
@@ -202,16 +207,35 @@ class JobRunner:
                                 else str(exc), clock)
         finally:
             stop_beat.set()
+            with self._active_lock:
+                self._active.pop(job.id, None)
+        if lost.is_set():
+            self._discard(outdir)
+            log.info("job %s series %s: run ended, but the job was taken from it meanwhile (superseded or "
+                     "requeued)", job.id, job.series_uid)
+            return None
         error = getattr(result, "error", None)
         if getattr(result, "state", "done") != "done" and error is not None:
             log.warning("job %s series %s: [%s] in stage %s: %s", job.id, job.series_uid, error.code,
                         getattr(error, "stage", "?"), error.message)
             return self._failed(job, error.code, error.message, clock)
-        if lost.is_set():
-            self._discard(outdir)
-            log.info("job %s series %s: finished, but the job was superseded meanwhile", job.id, job.series_uid)
-            return self._state(job.id)
         return self._done(job, outdir, clock)
+
+    def release_running(self, reason: str) -> list[str]:
+        """Put every job this runner is running back in the queue, the attempt not counted (the node
+        stops and will not wait for them). Their runs go on until the process ends, but own nothing:
+        whatever they write is dropped. Returns the ids of the jobs requeued."""
+        with self._active_lock:
+            active = list(self._active.items())
+        released = []
+        for job_id, (run_id, lost) in active:
+            lost.set()  # the run's callbacks stop touching the job store now
+            if self.store.release(job_id, run_id, reason) is not None:
+                released.append(job_id)
+                log.warning("job %s: requeued: %s", job_id, reason)
+                if self.enqueue is not None:
+                    self.enqueue(job_id, 0.0)
+        return released
 
     @staticmethod
     def _discard(outdir: Path) -> None:

@@ -88,6 +88,7 @@ class Env:
     router: Router
     pipeline: FakePipeline
     hooked: list[str]
+    runner: JobRunner | None = None
 
     def start(self, workers: int = 2) -> None:
         self.queue.start(workers)
@@ -113,7 +114,8 @@ def make_env(tmp_path: Path, backend: str = "sqlite", redis_url: str = "") -> It
     queue = JobQueue(huey, lambda job_id: runner_box[0].run(job_id))
     runner_box.append(JobRunner(store, settings, pipeline=pipeline, request=lambda job, s: job.pipeline,
                                 enqueue=queue.enqueue, hooks=(lambda job, out: hooked.append(job.id),)))
-    env = Env(settings, store, queue, Router(settings, store, queue.enqueue, rules=RULES), pipeline, hooked)
+    env = Env(settings, store, queue, Router(settings, store, queue.enqueue, rules=RULES), pipeline, hooked,
+              runner_box[0])
     try:
         yield env
     finally:
@@ -206,6 +208,25 @@ class QueueContract:
         assert not (Path(env.settings.node.data_dir) / "results" / first.id).exists()
         wait_for(lambda: env.hooked)
         assert env.hooked == [second.id]
+
+    def test_a_run_released_at_stop_is_requeued_without_counting_and_runs_once_more(
+            self, env: Env, tmp_path: Path) -> None:
+        env.pipeline.gate = threading.Event()
+        job = env.router.on_series_ready(series(tmp_path))
+        env.start(workers=1)
+        assert env.pipeline.entered.wait(30)
+        assert env.runner is not None
+        assert env.runner.release_running("node stopping (SIGTERM)") == [job.id]
+        queued = env.store.get(job.id)
+        assert (queued.state, queued.attempts, queued.run_id) == ("queued", 0, None)
+        assert queued.history[-1]["detail"] == "node stopping (SIGTERM)"
+        assert env.runner.release_running("again") == []  # nothing runs any more
+        env.pipeline.gate.set()  # the cut-off run ends and drops its output; the job runs again
+        done = env.wait_state(job.id, "done")
+        assert (done.attempts, events(done)) == (1, ["queued", "running", "requeued", "running", "done"])
+        wait_for(lambda: env.hooked)
+        assert env.hooked == [job.id]
+        assert list((Path(env.settings.node.data_dir) / "results" / job.id).iterdir()) == [Path(done.results)]
 
     def test_transient_errors_are_retried_with_backoff(self, env: Env, tmp_path: Path) -> None:
         env.pipeline.script = [RuntimeError("GPU busy"), OSError("disk hiccup"), None]
