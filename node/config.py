@@ -184,6 +184,9 @@ class Destination(_Section):
     delete_superseded: bool = False
     #: Orthanc's REST root for ``delete_superseded``; empty: ``url`` without its ``/dicom-web`` end.
     orthanc_url: str = ""
+    #: The outputs this destination receives (``["rtstruct"]`` for a treatment-planning system);
+    #: empty: every DICOM output of the jobs routed to it.
+    accepts: list[Literal["seg", "rtstruct", "sr", "review", "dicom_mesh"]] = []
 
 
 class OutboxSection(_Section):

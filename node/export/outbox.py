@@ -27,7 +27,9 @@ Each job shows its state per destination in the job record's ``destinations`` (`
 :meth:`node.jobs.store.JobStore.set_destinations`): ``pending | delivering | delivered | failed |
 cancelled | skipped``, with attempts, the last error, the next attempt and the delivered time.
 ``cancelled``: a newer job for the same series was queued for that destination first; ``skipped``:
-the job wrote no DICOM output. With a destination's ``delete_superseded``, once a job's results are
+the job wrote no DICOM output (or none that the destination's ``accepts`` names: a treatment-planning
+system with ``accepts = ["rtstruct"]`` gets the RTSTRUCT and nothing else; the output an instance is
+comes from its SOP class, :data:`OUTPUT_OF_SOP_CLASS`). With a destination's ``delete_superseded``, once a job's results are
 delivered, the results of older jobs for the same series are deleted from that Orthanc.
 """
 
@@ -81,6 +83,20 @@ CREATE INDEX IF NOT EXISTS job_deliveries_sop ON job_deliveries (destination, so
 })
 #: Instances per STOW-RS request or C-STORE association.
 BATCH = 50
+#: The pipeline output each DICOM result is, by SOP Class UID (what a destination's ``accepts`` names).
+OUTPUT_OF_SOP_CLASS = {
+    "1.2.840.10008.5.1.4.1.1.66.4": "seg",  # Segmentation Storage
+    "1.2.840.10008.5.1.4.1.1.66.7": "seg",  # Label Map Segmentation Storage
+    "1.2.840.10008.5.1.4.1.1.481.3": "rtstruct",  # RT Structure Set Storage
+    "1.2.840.10008.5.1.4.1.1.88.34": "sr",  # Comprehensive 3D SR Storage
+    "1.2.840.10008.5.1.4.1.1.104.1": "review",  # Encapsulated PDF Storage
+    "1.2.840.10008.5.1.4.1.1.104.3": "dicom_mesh",  # Encapsulated STL Storage
+}
+
+
+def output_kind(sop_class_uid: str) -> str | None:
+    """The output a DICOM result is (``seg``, ``rtstruct``, ...), or None for another SOP class."""
+    return OUTPUT_OF_SOP_CLASS.get(sop_class_uid)
 
 OnChange = Callable[[str, dict[str, dict[str, Any]]], Any]
 
@@ -245,6 +261,7 @@ class Outbox:
         names = list(dict.fromkeys(destinations))
         now = self.clock()
         notes: dict[str, dict[str, Any]] = {}
+        accepted = {name: self._accepted(name, staged) for name in names}
         for name in names:
             if name not in self.destinations:
                 notes[name] = {
@@ -253,6 +270,9 @@ class Outbox:
                 }
             elif not staged:
                 notes[name] = {"state": "skipped", "last_error": "the job wrote no DICOM output to send"}
+            elif not accepted[name]:
+                wanted = ", ".join(self.destinations[name].accepts)
+                notes[name] = {"state": "skipped", "last_error": f"it accepts only {wanted}: none of these"}
         cancelled_jobs: set[str] = set()
         with self._tx() as db:
             db.execute(
@@ -278,9 +298,9 @@ class Outbox:
                     ),
                 )
             for name in names:
-                if name not in self.destinations or not staged:
+                if name not in self.destinations or not accepted[name]:
                     continue
-                for s in staged:
+                for s in accepted[name]:
                     db.execute(
                         "insert or ignore into deliveries (destination, sop_uid, job_id, state, next_at, "
                         "created, updated) values (?,?,?,'pending',?,?,?)",
@@ -297,7 +317,7 @@ class Outbox:
                         "and d.job_id != ? and j.created < ?",
                         (name, source_series_uid, job_id, created),
                     ).fetchall()
-                    mine = {st.item.sop_uid for st in staged}
+                    mine = {st.item.sop_uid for st in accepted[name]}
                     for row in older:
                         if row["sop_uid"] in mine:  # the same instance again: this job needs it too
                             continue
@@ -322,6 +342,13 @@ class Outbox:
             if name in self._wake:
                 self._wake[name].set()
         return states
+
+    def _accepted(self, name: str, staged: list[Staged]) -> list[Staged]:
+        """What of ``staged`` destination ``name`` receives: all, or the outputs its ``accepts`` names."""
+        destination = self.destinations.get(name)
+        if destination is None or not destination.accepts:
+            return list(staged)
+        return [s for s in staged if output_kind(s.item.sop_class_uid) in destination.accepts]
 
     def _stage(self, path: Path) -> Staged | None:
         """Reads the file's identity and links it into the outbox (once per SOP Instance UID)."""

@@ -253,3 +253,52 @@ def test_dicom_meshes_hold_the_watertight_stl_files(run: PipelineResult) -> None
         series.add(ds.SeriesInstanceUID)
         sops.add(ds.SOPInstanceUID)
     assert len(series) == 1 and len(sops) == len(instances)
+
+
+def _sop_classes(orthanc) -> dict[str, int]:
+    """Instances stored in ``orthanc`` by SOP Class UID."""
+    from collections import Counter
+
+    instances = orthanc.rest_get("/instances")
+    return dict(Counter(orthanc.request("GET", f"/instances/{i}/metadata/SopClassUid")[1].decode()
+                        for i in instances))
+
+
+def test_every_output_reaches_the_archive_once_and_the_planning_system_only_the_rtstruct(
+    run: PipelineResult, orthanc_factory, tmp_path: Path
+) -> None:
+    """A job with every output, two real Orthancs: the archive (STOW-RS, takes everything) and a
+    treatment-planning system (C-STORE, ``accepts = ["rtstruct"]``). Each output is queued as the
+    worker's on_output hook does, as soon as written, and again by the job's end hook, then once more
+    after a restart: each instance arrives exactly once, the TPS gets the RTSTRUCT alone."""
+    from types import SimpleNamespace
+
+    from node.config import Destination, OutboxSection
+    from node.export.outbox import Outbox
+
+    archive, tps = orthanc_factory(), orthanc_factory(aet="TPS")
+    destinations = [Destination(name="archive", kind="stowrs", url=archive.dicomweb_url),
+                    Destination(name="tps", kind="cstore", host="127.0.0.1", port=tps.dicom_port,
+                                ae_title="TPS", accepts=["rtstruct"])]
+    job = SimpleNamespace(id="job-all", destinations={"archive": {}, "tps": {}}, series_uid=run.ct.source.series_uid,
+                          study_uid=run.ct.source.study_uid)
+    outbox = Outbox(tmp_path, destinations, OutboxSection())
+    seg_only = outbox.enqueue_output(job, "seg", run.paths["seg"])  # the SEG first, as the worker does
+    assert seg_only["tps"]["state"] == "skipped" and "accepts only rtstruct" in seg_only["tps"]["last_error"]
+    for name, path in run.paths.items():
+        outbox.enqueue_output(job, name, path)
+    outbox.enqueue_results(job, run.outdir)
+    meshes = len(list((run.outdir / "dicom_mesh").glob("*.dcm")))
+    assert outbox.run_once() == 4 + meshes + 1
+    states = outbox.job_destinations("job-all")
+    assert states["archive"]["state"] == states["tps"]["state"] == "delivered"
+    assert (states["archive"]["instances"], states["tps"]["instances"]) == (4 + meshes, 1)
+    outbox.close()
+    again = Outbox(tmp_path, destinations, OutboxSection())
+    again.enqueue_results(job, run.outdir)
+    assert again.run_once() == 0
+    again.close()
+    assert _sop_classes(archive) == {
+        "1.2.840.10008.5.1.4.1.1.66.4": 1, "1.2.840.10008.5.1.4.1.1.481.3": 1, "1.2.840.10008.5.1.4.1.1.88.34": 1,
+        "1.2.840.10008.5.1.4.1.1.104.1": 1, "1.2.840.10008.5.1.4.1.1.104.3": meshes}
+    assert _sop_classes(tps) == {"1.2.840.10008.5.1.4.1.1.481.3": 1}

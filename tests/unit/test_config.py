@@ -45,6 +45,8 @@ def test_environment_overrides_file_key_by_key(tmp_path: Path, monkeypatch: pyte
         ("[dicom]\nprot = 1\n", "unknown key 'dicom.prot'"),
         ('[queue]\nbackend = "kafka"\n', "queue.backend = 'kafka': Input should be 'sqlite' or 'redis'"),
         ('[dicom]\nae_title = "A_TITLE_LONGER_THAN_16"\n', "dicom.ae_title = 'A_TITLE_LONGER_THAN_16'"),
+        ('[[destinations]]\nname = "tps"\nkind = "folder"\naccepts = ["rtstruct", "rtplan"]\n',
+         "destinations.0.accepts.1 = 'rtplan': Input should be 'seg', 'rtstruct', 'sr', 'review' or 'dicom_mesh'"),
     ],
 )
 def test_invalid_values_name_key_and_value(tmp_path: Path, text: str, message: str) -> None:

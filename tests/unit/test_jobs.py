@@ -512,3 +512,20 @@ def test_an_idle_worker_looks_at_the_queue_as_soon_as_a_job_is_queued(tmp_path: 
     worker.sleep()  # nothing queued meanwhile: a full (short) wait, then a longer one next time
     assert worker.delay == 0.05 * 1.5
     assert queue.pending() == 1
+
+
+def test_every_delivered_output_gets_the_job_id_as_its_uid_seed(tmp_path: Path) -> None:
+    """RTSTRUCT, SR, review sheet and meshes derive their UIDs from the job, as the SEG does: every run
+    of a job writes the same instances (a rule's own seed wins); outputs not asked for get nothing."""
+    settings = Settings(node={"data_dir": tmp_path / "data", "rules": tmp_path / "none.toml"})
+    store = open_store(settings)
+    try:
+        router = Router(settings, store, lambda job_id, delay=0.0: None, rules=(
+            Rule(name="ct", pipeline=PipelineSpec(engine="threshold", outputs=["seg", "rtstruct", "sr", "review"],
+                                                  stage_options={"sr": {"uid_seed": "mine"}})),))
+        job = router.on_series_ready(series(tmp_path))
+        options = build_request(job, settings).stage_options
+        assert options["rtstruct"] == options["review"] == {"uid_seed": job.id}
+        assert options["sr"] == {"uid_seed": "mine"} and "dicom_mesh" not in options
+    finally:
+        store.close()
