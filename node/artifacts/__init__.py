@@ -43,19 +43,93 @@ def label_path(path: Path | str) -> Path:
     return path
 
 
-def class_table(path: Path, classes: Path | str | None = None, task: str = "total") -> dict[int, LabelClass]:
-    """The full class table for a label file: ``classes`` if given, else ``<name>.json`` beside it, else
-    ``classes.json`` in its folder, else TotalSegmentator's map of ``task`` (when installed), else empty."""
+def class_table_path(nifti: Path | str) -> Path:
+    """Where a label file's own class table goes: ``<name>.classes.json`` beside ``<name>.nii.gz`` (two
+    label files in one folder keep their tables apart)."""
+    nifti = Path(nifti)
+    return nifti.with_name(_stem(nifti) + ".classes.json")
+
+
+def nifti_label_table(path: Path) -> dict[int, str] | None:
+    """``id -> name`` from a NIfTI header extension holding a label table, as TotalSegmentator 2.x writes
+    it (``nifti_ext_header.add_label_map_to_nifti``: a Caret/CIFTI ``<LabelTable>`` of ``<Label Key=..>``
+    elements in an extension of code 0); None when the file carries none."""
+    import xml.etree.ElementTree as ET
+
+    import nibabel as nib
+
+    try:
+        extensions = nib.load(str(path)).header.extensions
+    except Exception:
+        return None
+    for extension in extensions:
+        try:
+            content = extension.get_content()
+            text = content.decode("utf-8", "replace") if isinstance(content, bytes) else str(content)
+            if "<LabelTable" not in text:
+                continue
+            root = ET.fromstring(text.strip().rstrip("\x00"))
+        except Exception:
+            continue
+        table = {}
+        for label in root.iter("Label"):
+            key, name = label.get("Key"), (label.text or "").strip()
+            if key is not None and key.lstrip("-").isdigit() and int(key) > 0 and name:
+                table[int(key)] = name
+        if table:
+            return table
+    return None
+
+
+def _fitting_tasks(ids: set[int]) -> list[str]:
+    """TotalSegmentator tasks whose class map has every id in ``ids``, smallest map first."""
+    try:
+        from totalsegmentator.map_to_binary import class_map  # type: ignore[import-not-found]
+    except Exception:
+        return []
+    fitting = [(len(m), task) for task, m in class_map.items() if ids <= {int(k) for k in m}]
+    return [task for _, task in sorted(fitting)]
+
+
+def class_table(path: Path, classes: Path | str | None = None, task: str = "total",
+                ids: set[int] | None = None) -> dict[int, LabelClass]:
+    """The full class table for a label file, the file's own where it has one: ``classes`` if given,
+    else ``<name>.classes.json`` or ``<name>.json`` beside it, else the label table in its NIfTI header
+    (TotalSegmentator's), else ``classes.json`` in its folder, else TotalSegmentator's map of ``task``
+    (assumed: a warning, in the log and on the console, names the ``ids`` that map lacks and the tasks
+    whose map has them all), else empty."""
+    import logging
+
     from node.segment.labelmap import make_class, read_class_table, totalsegmentator_class_map
 
-    candidates = [Path(classes)] if classes else [path.with_name(_stem(path) + ".json"), path.parent / "classes.json"]
-    for candidate in candidates:
+    log = logging.getLogger(__name__)
+    if classes:
+        if not Path(classes).is_file():
+            raise FileNotFoundError(f"class table {classes} does not exist")
+        return read_class_table(Path(classes))
+    for candidate in (class_table_path(path), path.with_name(_stem(path) + ".json")):
         if candidate.is_file():
             return read_class_table(candidate)
-    if classes:
-        raise FileNotFoundError(f"class table {classes} does not exist")
+    own = nifti_label_table(path)
+    if own:
+        log.info("%s: class names from the label table in its NIfTI header (%d classes)", path.name, len(own))
+        return {i: make_class(i, n) for i, n in own.items()}
+    if (path.parent / "classes.json").is_file():
+        return read_class_table(path.parent / "classes.json")
     names = totalsegmentator_class_map(task)
+    if names and ids:
+        missing = sorted(ids - set(names))
+        if missing:
+            fits = [t for t in _fitting_tasks(ids) if t != task][:3]
+            hint = f"; the ids fit --task {' / '.join(fits)}" if fits else ""
+            log.warning("%s has no class table: names assumed from TotalSegmentator's %r map, which has no "
+                        "label id(s) %s (named label_<id>)%s; give --classes or --task", path.name, task,
+                        _ids_text(missing), hint)
     return {i: make_class(i, n) for i, n in (names or {}).items()}
+
+
+def _ids_text(ids: list[int]) -> str:
+    return ", ".join(map(str, ids[:12])) + (f" and {len(ids) - 12} more" if len(ids) > 12 else "")
 
 
 def load_labels(path: Path | str, classes: Path | str | None = None,
@@ -76,7 +150,7 @@ def load_labels(path: Path | str, classes: Path | str | None = None,
     if array.size and (array.min() < 0 or array.max() > 65535):
         raise ValueError(f"{file}: label ids must be 0..65535")
     array = array.astype(np.uint8 if array.size == 0 or array.max() < 256 else np.uint16)
-    table = class_table(file, classes, task)
     present = [int(i) for i in np.unique(array) if i]
+    table = class_table(file, classes, task, ids=set(present))
     found = {i: table.get(i) or make_class(i, f"label_{i}") for i in present}
     return LabelVolume(array, volume.geometry, notes=list(volume.notes), classes=found), table

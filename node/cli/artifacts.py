@@ -15,7 +15,7 @@ from rich.table import Table
 from node.cli.common import _load_volume, fail, out, progress_bar
 
 _LabelsArg = Annotated[Path, typer.Argument(
-    help="A label NIfTI (classes: --classes, <name>.json beside it, classes.json, or TotalSegmentator's map) "
+    help="A label NIfTI (classes: --classes, <name>.classes.json or <name>.json beside it, the table in its NIfTI header (TotalSegmentator's), classes.json, or TotalSegmentator's --task map) "
          "or a run folder with labels.nii.gz.")]
 _ClassesOpt = Annotated[Optional[Path], typer.Option("--classes", help="Class table JSON (names, colours).")]
 _TaskOpt = Annotated[str, typer.Option("--task", help="TotalSegmentator task whose class map names the ids.")]

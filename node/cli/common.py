@@ -8,14 +8,32 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from node.config import ConfigError, Settings, load_settings
 
-out = Console()
-err = Console(stderr=True)
+class _Console(Console):
+    """Rich's console, except that output to a file or pipe is not cut at 80 columns: tables keep their
+    natural width there (``COLUMNS`` still sets a width)."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        if not self.is_terminal and self._width is None and "COLUMNS" not in self._environ:
+            return ConsoleDimensions(UNCUT_WIDTH, size.height)
+        return size
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)  # type: ignore[attr-defined]
+
+
+#: Columns for output that is not a terminal: as wide as any table needs.
+UNCUT_WIDTH = 1000
+out = _Console()
+err = _Console(stderr=True)
 
 
 class _State:

@@ -35,11 +35,18 @@ def outbox_status(as_json: Annotated[bool, typer.Option("--json", help="Machine-
     """Deliveries per destination: pending, delivering, delivered, failed, cancelled; next attempt, last error."""
     import datetime as dt
 
-    outbox, _ = _open_outbox()
-    try:
-        rows = outbox.status()
-    finally:
-        outbox.close()
+    from node.export.outbox import STATES
+
+    config = settings()
+    if not (Path(config.node.data_dir) / "outbox.db").exists():  # nothing queued yet: not an error
+        rows = [{"destination": d.name, "kind": d.kind, **{s: 0 for s in STATES}, "next_attempt": None,
+                 "last_error": None} for d in config.destinations]
+    else:
+        outbox, _ = _open_outbox()
+        try:
+            rows = outbox.status()
+        finally:
+            outbox.close()
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return

@@ -58,11 +58,11 @@ def seg_info(
 @seg_app.command("to-nifti")
 def seg_to_nifti_command(
     seg: Annotated[Path, typer.Argument(help="A DICOM-SEG file.")],
-    output: Annotated[Path, typer.Argument(help="Output .nii/.nii.gz label map (classes.json beside it).")],
+    output: Annotated[Path, typer.Argument(help="Output .nii/.nii.gz label map (<name>.classes.json beside it).")],
     source: Annotated[Optional[Path], typer.Option(
         help="The source series (folder/zip): the label map gets its grid. Default: the SEG's planes.")] = None,
 ) -> None:
-    """Convert SEG to a multilabel NIfTI on the source's grid, with classes.json beside it."""
+    """Convert SEG to a multilabel NIfTI on the source's grid, with <name>.classes.json beside it."""
     from node.dicom.seg import SegError, seg_to_nifti
     from node.logs import register_path
 

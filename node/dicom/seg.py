@@ -114,14 +114,16 @@ def seg_output(ctx: PipelineContext) -> None:
 
 def seg_to_nifti(seg: Path | str, out: Path | str, source: Path | str | None = None) -> dict[str, Any]:
     """``segnode seg to-nifti``: the SEG as a multilabel NIfTI (on ``source``'s grid, else its own) and
-    ``classes.json`` beside it. Returns what was written, with the reader's notes."""
+    its class table beside it, named after it (``<name>.classes.json``: two conversions into one folder keep
+    theirs). Returns what was written, with the reader's notes."""
+    from node.artifacts import class_table_path
     from node.nifti import write_nifti
     from node.segment.labelmap import write_class_table
 
     out = Path(out)
     labels = read_seg(seg, source)
     write_nifti(labels, out)
-    classes_path = out.parent / "classes.json"
+    classes_path = class_table_path(out)
     write_class_table(labels.classes, classes_path)
     return {"nifti": str(out), "classes": str(classes_path), "shape_ijk": list(labels.shape_ijk),
             "labels": sorted(labels.classes), "notes": labels.notes}

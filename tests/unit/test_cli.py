@@ -94,3 +94,22 @@ def test_run_with_the_liver_vessel_flags_splits_the_phantom_trees(tmp_path: Path
     agree = (labels[found] == truth.array[found]).mean()
     assert found.sum() > 0.85 * np.isin(truth.array, [201, 202]).sum()
     assert agree >= 0.95
+
+
+def test_outbox_status_before_anything_was_queued_and_tables_not_cut_in_a_pipe(tmp_path: Path) -> None:
+    import os
+
+    name = "archive-of-the-radiology-department-main-building-second-floor"
+    config = tmp_path / "node.toml"
+    config.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\n'
+                      f'[[destinations]]\nname = "{name}"\nkind = "folder"\npath = "{tmp_path / "out"}"\n')
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    shown = subprocess.run([sys.executable, "-m", "node", "--config", str(config), "outbox", "status"], cwd=REPO,
+                           capture_output=True, text=True, env=env)
+    assert shown.returncode == 0, shown.stderr
+    row = next(line for line in shown.stdout.splitlines() if name in line)  # one line, not folded at 80
+    assert len(row) > 100 and [c.strip() for c in row.split("│")[1:-1]][:7] == [
+        name, "folder", "0", "0", "0", "0", "0"]
+    as_json = subprocess.run([sys.executable, "-m", "node", "--config", str(config), "outbox", "status", "--json"],
+                             cwd=REPO, capture_output=True, text=True, env=env)
+    assert as_json.returncode == 0 and json.loads(as_json.stdout)[0]["destination"] == name

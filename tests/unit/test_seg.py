@@ -549,7 +549,7 @@ def test_cli_seg_info_and_to_nifti(run, phantom, tmp_path) -> None:
     done = segnode("seg", "to-nifti", str(run.paths["seg"]), str(out), "--source", str(phantom["dicom"]))
     assert done.returncode == 0, done.stderr
     np.testing.assert_array_equal(read_nifti(out).array, run.labels.array)
-    classes = json.loads((tmp_path / "classes.json").read_text())
+    classes = json.loads((tmp_path / "labels.classes.json").read_text())
     assert [c["id"] for c in classes] == sorted(run.labels.classes)
     bad = segnode("seg", "info", str(next(phantom["dicom"].iterdir())))
     assert bad.returncode == 1 and "not a DICOM Segmentation" in bad.stderr
