@@ -70,7 +70,7 @@ class NodeSection(_Section):
     #: Patient names, IDs and birth dates appear in logs and console output only when this is true
     #: (:mod:`node.logs` scrubs them otherwise, from every logger, Python warnings included).
     log_phi: bool = False
-    #: Log to this file (relative: under ``data_dir``) instead of stderr, rotated by size.
+    #: Log to this file instead of stderr, rotated by size (relative, as every path in the file: to its folder).
     log_file: Path | None = None
     #: Size at which the log file is rotated (``node.log`` -> ``node.log.1`` ...).
     log_max_mb: float = Field(default=10.0, gt=0)

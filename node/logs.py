@@ -2,7 +2,8 @@
 patient data.
 
 * **Where:** stderr by default; a file with size-based rotation when ``[node] log_file`` is set
-  (``log_max_mb``, ``log_backups``; a relative path is under ``data_dir``).
+  (``log_max_mb``, ``log_backups``; the config makes it absolute; a relative one given to
+  :func:`setup` directly is under ``data_dir``).
 * **How:** ``log_format = "text"`` (one line: time, level, logger, ``[job=… series=…]``, message) or
   ``"json"`` (one JSON object a line, for a log collector). While a job runs, every line of its thread
   carries its job id and series UID (:func:`job_context`, :mod:`contextvars`).
