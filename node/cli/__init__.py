@@ -15,7 +15,7 @@ import typer
 from typer.core import TyperGroup
 
 from node import __version__
-from node.cli.admin import install_service_command
+from node.cli.admin import doctor_command, install_service_command
 from node.cli.artifacts import blender_command, mesh_command, slices_command
 from node.cli.common import _start_logging, _State, out
 from node.cli.config import config_app
@@ -98,6 +98,7 @@ app.command("mesh")(mesh_command)
 app.command("slices")(slices_command)
 app.command("blender")(blender_command)
 app.command("install-service")(install_service_command)
+app.command("doctor")(doctor_command)
 
 app.add_typer(config_app, name="config")
 app.add_typer(rules_app, name="rules")

@@ -64,3 +64,31 @@ def install_service_command(
         out.print("next:", highlight=False)
         for line in next_steps(service):
             out.print(escape(f"  {line}"), highlight=False, soft_wrap=True)
+
+
+def doctor_command(
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of text.")] = False,
+) -> None:
+    """Check what an administrator would: config, data folder, disk, ports, TLS, destinations, Orthanc,
+    Redis, weights, torch's device, Blender. One line each, ok/warn/fail with the fix; exit 1 on a fail."""
+    import json
+
+    from node.config import ConfigError, load_settings
+    from node.doctor import Finding, run_checks
+
+    try:
+        findings = run_checks(load_settings(_State.config_path))
+    except ConfigError as exc:
+        findings = [Finding("fail", "config", str(exc), "fix the config (segnode config check)")]
+    width = max(len(f.check) for f in findings)
+    colour = {"ok": "green", "warn": "yellow", "fail": "red"}
+    for f in findings:
+        if as_json:
+            typer.echo(json.dumps(f.as_dict()))
+            continue
+        out.print(f"[{colour[f.status]}]{f.status:<4}[/] {escape(f.check.ljust(width))}  {escape(f.detail)}",
+                  highlight=False, soft_wrap=True)
+        if f.fix and f.status != "ok":
+            out.print(escape(f"     {' ' * width}  fix: {f.fix}"), highlight=False, soft_wrap=True)
+    if any(f.status == "fail" for f in findings):
+        raise typer.Exit(1)
