@@ -166,6 +166,8 @@ def _service_section(p: ServicePlan, subcommand: str, extra_env: dict[str, str])
         f"User={p.user}",
         f"Group={p.user}",
         f"ExecStart={exec_start}",
+        "# systemctl reload: the log level and log_phi read again from the config (node/logs.py).",
+        "ExecReload=/bin/kill -HUP $MAINPID",
         f"WorkingDirectory={p.data_dir}",
     ]
     for key, value in {**p.environment, **extra_env}.items():

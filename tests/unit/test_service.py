@@ -59,7 +59,7 @@ def test_units_for_a_node_on_port_104_with_a_folder_destination(tmp_path: Path) 
     lines = unit_lines(serve)
     assert f"ExecStart={SEGNODE} --config {config} serve" in lines
     assert {"Type=exec", "User=segnode", "Group=segnode", "WorkingDirectory=/var/lib/segnode",
-            "Restart=on-failure", "RestartPreventExitStatus=2", "KillMode=mixed", "KillSignal=SIGTERM",
+            "Restart=on-failure", "RestartPreventExitStatus=2", "ExecReload=/bin/kill -HUP $MAINPID", "KillMode=mixed", "KillSignal=SIGTERM",
             "TimeoutStopSec=85", "StateDirectory=segnode", "ProtectSystem=strict", "ProtectHome=yes",
             "ReadWritePaths=/var/lib/segnode", "ReadWritePaths=-/srv/segnode-results", "NoNewPrivileges=yes",
             "AmbientCapabilities=CAP_NET_BIND_SERVICE", "CapabilityBoundingSet=CAP_NET_BIND_SERVICE",
