@@ -490,9 +490,13 @@ class StoreSCP(ServerProcess):
         aet: str = "STORESCP",
         workdir: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
+        options: Sequence[str] = (),
     ):
+        """``options``: more storescp options, e.g. ``+uf`` (a file per instance received, even one
+        received twice: to count them), ``-pm`` (SOP classes dcmtk does not know, as SEG in 3.6.7)."""
         super().__init__(workdir, env)
         self.aet = aet
+        self.options = tuple(options)
         self.output_dir = self.workdir / "received"
         self.output_dir.mkdir(exist_ok=True)
         self.port = 0
@@ -502,7 +506,7 @@ class StoreSCP(ServerProcess):
 
     def _command(self) -> list[str]:
         return ["storescp", "-v", "--output-directory", str(self.output_dir), "-aet", self.aet,
-                str(self.port)]  # fmt: skip
+                *self.options, str(self.port)]  # fmt: skip
 
     def _environment(self) -> dict[str, str]:
         return {**super()._environment(), **NODELAY_ENV}

@@ -17,6 +17,7 @@ from typer.core import TyperGroup
 from node import __version__
 from node.cli.admin import doctor_command, install_service_command
 from node.cli.artifacts import blender_command, mesh_command, slices_command
+from node.cli.backup import backup_command, restore_command
 from node.cli.common import _start_logging, _State, out
 from node.cli.config import config_app
 from node.cli.network import listen_command, send_command, serve_command, viewer_command, worker_command
@@ -99,6 +100,8 @@ app.command("slices")(slices_command)
 app.command("blender")(blender_command)
 app.command("install-service")(install_service_command)
 app.command("doctor")(doctor_command)
+app.command("backup")(backup_command)
+app.command("restore")(restore_command)
 
 app.add_typer(config_app, name="config")
 app.add_typer(rules_app, name="rules")

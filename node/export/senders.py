@@ -61,6 +61,10 @@ class DeliveryError(Exception):
         self.permanent = permanent
 
 
+class _NoService(DeliveryError):
+    """A DICOM peer that answered the association but accepted none of its presentation contexts."""
+
+
 class Sender(Protocol):
     def send(self, items: list[Item]) -> dict[str, Failure | None]: ...
 
@@ -261,6 +265,8 @@ class CStoreSender:
                 f"association rejected by {d.ae_title}@{d.host}:{d.port} (check the AE titles)",
                 permanent=True,
             )
+        if assoc.rejected_contexts:  # the peer answered, accepting none of the services asked for
+            raise _NoService(f"{d.ae_title}@{d.host}:{d.port} accepted none of the presentation contexts")
         raise DeliveryError(
             f"no association with {d.ae_title}@{d.host}:{d.port} (refused, aborted or timed out)"
         )
@@ -314,7 +320,10 @@ class CStoreSender:
 
         ae = self._ae()
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-        assoc = self._associate(ae)
+        try:
+            assoc = self._associate(ae)
+        except _NoService:  # a C-STORE-only peer (dcmtk storescp, many PACS): we cannot tell
+            return None
         found: set[str] = set()
         try:
             for item in items:
