@@ -9,12 +9,11 @@ import json
 import os
 import socket
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from node import doctor
 from node.config import Settings
@@ -91,14 +90,12 @@ path = "{tmp_path / 'out'}"
     os.chmod(node.config, 0o640)  # it holds a token
     node.start()
     try:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SEGNODE_")}
-        result = subprocess.run([sys.executable, "-m", "node", "doctor", "--json", "--config", str(node.config)],
-                                cwd=tmp_path, capture_output=True, text=True, env={**env, "PYTHONPATH": str(REPO)})
+        result = doctor_cli("--json", "--config", str(node.config))
     finally:
         node.stop()
     findings = [json.loads(line) for line in result.stdout.splitlines()]
     assert [(f["check"], f["status"]) for f in findings if f["status"] != "ok"] == [], result.stdout
-    assert result.returncode == 0, result.stderr
+    assert result.exit_code == 0, result.output
     by_check = {f["check"]: f["detail"] for f in findings}
     assert list(by_check) == [
         "config", "data folder", "disk", "dicom port", "http port", "tls", "destination orthanc-web",
@@ -204,17 +201,21 @@ def test_each_check_made_to_fail_says_why_and_how_to_fix_it(
     assert (broken[0].status, broken[0].detail) == ("fail", "the check itself failed: ZeroDivisionError: division by zero")
 
 
-def test_the_command_exits_1_on_a_fail_and_names_a_bad_config(tmp_path: Path) -> None:
+def doctor_cli(*args: str) -> Result:
+    """``segnode doctor ARGS`` in this process (the CLI's imports once), without our SEGNODE_* variables."""
     from node.cli import app
     from node.cli.common import _State
 
-    bad = tmp_path / "node.toml"
-    bad.write_text("[dicom]\nport = 'abc'\n")
     try:
-        result = CliRunner().invoke(app, ["doctor", "--config", str(bad)],
-                                    env={k: None for k in os.environ if k.startswith("SEGNODE_")})
+        return CliRunner().invoke(app, ["doctor", *args], env={k: None for k in os.environ if k.startswith("SEGNODE_")})
     finally:
         _State.config_path = None
+
+
+def test_the_command_exits_1_on_a_fail_and_names_a_bad_config(tmp_path: Path) -> None:
+    bad = tmp_path / "node.toml"
+    bad.write_text("[dicom]\nport = 'abc'\n")
+    result = doctor_cli("--config", str(bad))
     assert result.exit_code == 1
     assert result.stdout.split()[:2] == ["fail", "config"]
     assert f"{bad}: dicom.port = 'abc'" in result.stdout

@@ -84,3 +84,6 @@ def test_segnode_worker_runs_jobs_from_redis(tmp_path: Path, redis_server: Redis
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(30) == 0
         store.close()
+    logged = (tmp_path / "worker.log").read_text()
+    assert "node.serve: stopping (SIGTERM)" in logged and "node.serve: stop: no job running" in logged  # drained
+    assert logged.rstrip().endswith("node.serve: stopped")

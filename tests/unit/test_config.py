@@ -81,10 +81,29 @@ def test_secrets_are_masked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 # --- where the settings come from (issue 17: config that cannot be silently wrong) --------------
 
 def segnode(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``segnode ARGS`` in ``cwd`` with only ``env``'s SEGNODE_* variables, as a process would run it,
+    but in this one (the CLI's imports once): returncode, stdout and stderr as a process gives them."""
+    from typer.testing import CliRunner
+
+    from node.cli import app
+    from node.cli.common import _State
+
+    unset: dict[str, str | None] = {k: None for k in os.environ if k.startswith("SEGNODE_")}
+    here = Path.cwd()
+    os.chdir(cwd)
+    try:
+        result = CliRunner().invoke(app, list(args), env={**unset, **(env or {})})
+    finally:
+        os.chdir(here)
+        _State.config_path = None
+    code = result.exit_code if result.exception is None or isinstance(result.exception, SystemExit) else 99
+    return subprocess.CompletedProcess(args, code, result.stdout, result.stderr)
+
+
+def segnode_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("SEGNODE_")}
-    environ["PYTHONPATH"] = str(REPO)
     return subprocess.run([sys.executable, "-m", "node", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**environ, **(env or {})})
+                          env={**environ, "PYTHONPATH": str(REPO)})
 
 
 def test_config_is_found_by_option_anywhere_then_variable_then_working_dir(tmp_path: Path) -> None:
@@ -114,6 +133,8 @@ def test_config_is_found_by_option_anywhere_then_variable_then_working_dir(tmp_p
         2, f"config error: {tmp_path / 'gone.toml'}: no such config file (SEGNODE_CONFIG)\n")
     twice = segnode("--config", str(first), "config", "check", "--config", str(second), cwd=cwd)
     assert twice.returncode == 2 and "--config" in twice.stderr and "more than once" in twice.stderr
+    real = segnode_process("config", "check", "--config", str(first), cwd=cwd)  # the entry point too
+    assert (real.returncode, real.stdout) == (0, ok.format(first, "--config", tmp_path / "a" / "data"))
 
 
 def test_system_config_is_last_and_no_file_means_built_in_defaults(
