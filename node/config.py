@@ -14,8 +14,7 @@ The ``SEGNODE_*`` variables that are not settings are listed once, in :data:`OTH
 
 Relative paths: written in a file, they are relative to that file's folder (``data_dir = "../var"``
 in ``configs/node.toml`` is the repository's ``var``); from a variable, or a built-in default, to the
-working directory; ``[node] log_file`` is under ``data_dir`` wherever it was written. Every path in a
-loaded :class:`Settings` is absolute.
+working directory. Every path in a loaded :class:`Settings` is absolute.
 """
 
 from __future__ import annotations
@@ -369,15 +368,11 @@ def check_environment(environ: Mapping[str, str] | None = None) -> list[str]:
     return used
 
 
-#: Paths that, when relative, are under ``data_dir`` wherever they were written: ``[node] log_file``.
-_UNDER_DATA_DIR = ("log_file",)
-
-
 def _resolve_file_paths(data: dict[str, Any], model: type[BaseModel], folder: Path) -> None:
     """Relative paths written in a file are relative to its folder (in place)."""
     for key, value in data.items():
         field = model.model_fields.get(key)
-        if field is None or (model is NodeSection and key in _UNDER_DATA_DIR):
+        if field is None:
             continue
         if _is_path(field.annotation) and isinstance(value, str) and value and not Path(value).is_absolute():
             data[key] = os.path.normpath(folder / value)
@@ -391,18 +386,9 @@ def _resolve_file_paths(data: dict[str, Any], model: type[BaseModel], folder: Pa
 
 
 def _absolute_paths(model: BaseModel, base: Path) -> None:
-    """Every relative path left (from a variable or a default) made absolute against ``base``; those
-    of :data:`_UNDER_DATA_DIR` against ``data_dir``."""
-    if isinstance(model, Settings):
-        _absolute_paths(model.node, base)  # data_dir first
-        for key in _UNDER_DATA_DIR:
-            value = getattr(model.node, key, None)
-            if isinstance(value, Path) and not value.is_absolute():
-                model.node.__dict__[key] = Path(os.path.normpath(model.node.data_dir / value))
+    """Every relative path left (from a variable or a default) made absolute against ``base``."""
     for key, field in type(model).model_fields.items():
         value = getattr(model, key)
-        if isinstance(model, NodeSection) and key in _UNDER_DATA_DIR:
-            continue
         if isinstance(value, Path) and not value.is_absolute():
             model.__dict__[key] = Path(os.path.normpath(base / value))  # not counted as "set"
         elif isinstance(value, BaseModel):

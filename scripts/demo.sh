@@ -12,6 +12,7 @@ SEGNODE=.venv/bin/segnode
 PY=.venv/bin/python
 rm -rf "$OUT/var" "$OUT/phantom" "$OUT/orthanc"
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)  # absolute: relative paths in node.toml would be relative to its own folder
 ORTHANC=0
 if [[ "${DEMO_ORTHANC:-1}" != 0 && -x "${ORTHANC_BINARY:-/usr/sbin/Orthanc}" \
       && -e "${ORTHANC_PLUGIN_DIR:-/usr/share/orthanc/plugins}/libOrthancPython.so" \

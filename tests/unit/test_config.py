@@ -243,10 +243,11 @@ def test_every_segnode_variable_the_project_uses_is_known() -> None:
         config.check_environment({name: "1"})  # raises ConfigError for an unknown one
 
 
-def test_a_relative_log_file_is_under_data_dir_wherever_it_was_written(
+def test_a_relative_log_file_follows_the_rule_of_every_path(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    path = write(tmp_path, '[node]\ndata_dir = "data"\nlog_file = "log/node.log"\n')
-    assert load_settings(path).node.log_file == tmp_path / "data" / "log" / "node.log"
+    (tmp_path / "etc").mkdir()
+    path = write(tmp_path / "etc", '[node]\ndata_dir = "data"\nlog_file = "log/node.log"\n')
+    assert load_settings(path).node.log_file == tmp_path / "etc" / "log" / "node.log"
     monkeypatch.setenv("SEGNODE_NODE__LOG_FILE", "other.log")
-    assert load_settings(path).node.log_file == tmp_path / "data" / "other.log"
+    assert load_settings(path).node.log_file == tmp_path / "other.log"
