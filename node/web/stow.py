@@ -8,6 +8,12 @@ together. Answers (PS3.18 Table 10.5.3-1): 200 all stored, 202 some stored, 409 
 415 not ``multipart/related`` of ``application/dicom``, 413 over ``[http] max_upload_mb``, 400 a
 body that is not well-formed multipart. The body is a Store Instances Response (PS3.18 10.5.3.2)
 in the DICOM JSON model: ReferencedSOPSequence and FailedSOPSequence with FailureReason.
+
+FailureReason is a number; the reason in words goes where a client can show it without a change to
+the response module: one ``Warning`` header per failed instance (RFC 7234 5.5, warn-code 299, as PS3.18
+answers its UPS and Thin-Client transactions, 11.6.3.2 and 13.4.3.2, where it recommends the DICOM status
+and a reason as the text): ``299 host:port "<SOP Instance UID or part n>: 0xC000: <reason>"``, patient
+data scrubbed (:mod:`node.logs`).
 """
 
 from __future__ import annotations
@@ -107,6 +113,30 @@ class _Item:
     sop_class: str | None
     sop_instance: str | None
     reason: int | None = None  # None = stored
+    #: Why it was not stored, for people.
+    text: str = ""
+
+
+#: Warning header values per response, at most (the rest are counted in one more).
+MAX_WARNINGS = 50
+
+
+def _quoted(text: str) -> str:
+    """An RFC 7230 quoted-string of ``text`` in printable ASCII (header values are Latin-1 at best)."""
+    printable = "".join(c if " " <= c <= "~" else "?" for c in text)
+    return '"' + printable.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def warning_headers(items: list[_Item], agent: str) -> list[tuple[str, str]]:
+    """``Warning: 299 <agent> "<what>: 0x<reason>: <text>"`` for each failed item (RFC 7234 5.5)."""
+    from node import logs
+
+    failed = [(n, i) for n, i in enumerate(items, 1) if i.reason is not None]
+    values = [f"299 {agent} " + _quoted(logs.scrub(
+        f"{i.sop_instance or f'part {n}'}: 0x{i.reason:04X}: {i.text or 'refused'}")) for n, i in failed]
+    if len(values) > MAX_WARNINGS:
+        values = values[:MAX_WARNINGS] + [f'299 {agent} "and {len(values) - MAX_WARNINGS} more failed"']
+    return [("warning", v) for v in values]
 
 
 def _attr(uid: str | None, vr: str = "UI") -> dict[str, Any]:
@@ -194,7 +224,11 @@ class StowRoute:
         log.info("STOW-RS: %d part(s), %d stored, %d failed%s", len(items), stored, len(items) - stored,
                  f" (study {study})" if study else "")
         retrieve = str(request.url) if study else None
-        return JSONResponse(store_response(items, retrieve), status_code=status, media_type=DICOM_JSON)
+        response = JSONResponse(store_response(items, retrieve), status_code=status, media_type=DICOM_JSON)
+        agent = request.url.netloc or "segnode"
+        for name, value in warning_headers(items, agent):
+            response.headers.append(name, value)
+        return response
 
     def _store_all(self, fd: int, boundary: str, sender: Sender, study: str | None) -> list[_Item]:
         with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as body:
@@ -214,9 +248,11 @@ class StowRoute:
         sop_class, sop_instance, part_study = _peek(part)
         content_type = headers.get("content-type", "application/dicom").split(";")[0].strip().lower()
         if content_type != "application/dicom":
-            return _Item(sop_class, sop_instance, CANNOT_UNDERSTAND)
+            return _Item(sop_class, sop_instance, CANNOT_UNDERSTAND,
+                         f"the part is {content_type}, not application/dicom")
         if study is not None and part_study != study:
-            return _Item(sop_class, sop_instance, STUDY_MISMATCH)
+            return _Item(sop_class, sop_instance, STUDY_MISMATCH,
+                         f"the instance belongs to study {part_study or '(none)'}, not to {study} of the URL")
         if bytes(part[128:132]) != b"DICM" and bytes(part[:2]) == b"\x02\x00":
             # File meta without preamble, as pydicom writes in-memory datasets (dicomweb-client does):
             # give it the 128-byte preamble and prefix of a Part 10 file (PS3.10 7.1).
@@ -227,5 +263,5 @@ class StowRoute:
         sop_instance = getattr(info, "sop_instance_uid", None) or sop_instance
         if result.status != 0:
             log.warning("STOW-RS: instance refused (0x%04X): %s", result.status, result.reason)
-            return _Item(sop_class, sop_instance, int(result.status))
+            return _Item(sop_class, sop_instance, int(result.status), str(result.reason or ""))
         return _Item(sop_class, sop_instance)

@@ -96,6 +96,8 @@ def test_partial_is_202_and_none_is_409(stow) -> None:
     assert [(i.ReferencedSOPInstanceUID, i.FailureReason) for i in body.FailedSOPSequence] == [
         (d.SOPInstanceUID, 0xC409) for d in other]
     assert REFERENCED not in body
+    assert answer.headers["warning"].count(f"0xC409: the instance belongs to study {other[0].StudyInstanceUID}, "
+                                           f"not to {ours[0].StudyInstanceUID} of the URL") == 2
 
 
 def encode(ds: pydicom.Dataset) -> bytes:
@@ -126,6 +128,12 @@ def test_bad_instances_are_failed_items_with_their_reason(stow) -> None:
     assert [i.FailureReason for i in body.FailedSOPSequence] == [0xC000, 0xC000]
     assert body.FailedSOPSequence[0].ReferencedSOPInstanceUID == good.SOPInstanceUID
     assert not body.FailedSOPSequence[1].get("ReferencedSOPInstanceUID")  # not DICOM: no UID to name
+    # The reasons in words: one Warning header per failed instance (RFC 7234 5.5, PS3.18 13.4.3.2)
+    agent = url.removeprefix("http://")
+    assert response.headers.get_list("warning") == [
+        f'299 {agent} "{good.SOPInstanceUID}: 0xC000: dataset is truncated or malformed: (7FE0,0010) needs 128 '
+        'bytes, the data ends first"',
+        f'299 {agent} "part 3: 0xC000: not a DICOM Part 10 file (no DICM prefix at byte 128)"']
 
 
 def test_wrong_media_type_415_too_large_413_malformed_400(stow) -> None:
