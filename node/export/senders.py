@@ -6,6 +6,7 @@ Each sender answers per instance, so that one refused instance never holds the o
   it raises :class:`DeliveryError` when the whole batch failed (connection refused, timeout, HTTP 503);
 * :meth:`present` -> the SOP Instance UIDs the destination already holds, for deliveries that were in
   flight when the node stopped (the outbox asks before it sends them again; ``None``: cannot tell);
+  a STOW-RS request that timed out stays open and is awaited first (:meth:`StowSender.send`);
 * :meth:`delete` -> removes instances (Orthanc only: superseded results), see :class:`OrthancAdmin`.
 
 Transient (retried with backoff): connection errors, timeouts, HTTP 408/429/5xx, C-STORE 0xA7xx (out of
@@ -18,8 +19,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
+import threading
+from concurrent.futures import Future, wait
+from concurrent.futures import TimeoutError as FutureTimeout
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +36,9 @@ from node.http import http_session, session_for
 
 log = logging.getLogger(__name__)
 
+#: Seconds a STOW-RS request without an answer is kept open before its connection is closed (see
+#: :meth:`StowSender.send`): an archive frozen for less than this gets each instance once.
+SETTLE_S = 3600.0
 #: HTTP statuses worth another attempt.
 TRANSIENT_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
 
@@ -116,12 +124,15 @@ class StowSender:
     re-encoded copy of what was validated. Both share one session (auth, TLS verification).
     """
 
-    def __init__(self, destination: Destination, timeout: float = 60.0) -> None:
+    def __init__(self, destination: Destination, timeout: float = 60.0, settle_s: float = SETTLE_S) -> None:
         from dicomweb_client import DICOMwebClient
 
         if not destination.url:
             raise DeliveryError(f"destination {destination.name}: kind stowrs needs a url", permanent=True)
-        self.destination, self.timeout = destination, timeout
+        self.destination, self.timeout, self.settle_s = destination, timeout, settle_s
+        #: Requests not answered within ``timeout``, by the SOP Instance UIDs they carry (see :meth:`send`).
+        self._open: dict[str, Future] = {}
+        self._open_lock = threading.Lock()
         self.url = destination.url.rstrip("/")
         self.session = session_for(destination)
         self.client = DICOMwebClient(self.url, session=self.session, timeout=timeout)
@@ -164,7 +175,7 @@ class StowSender:
                 f"{self.url}/studies",
                 data=Body(),
                 headers=headers,
-                timeout=(min(self.timeout, 10.0), self.timeout),
+                timeout=(min(self.timeout, 10.0), max(self.timeout, self.settle_s)),
             )
             if response.status_code not in (200, 202, 409):  # 202/409: some/none stored, the body says which
                 response.raise_for_status()
@@ -176,16 +187,69 @@ class StowSender:
             raise DeliveryError(
                 f"STOW-RS answered HTTP {response.status_code} with an unreadable body: {exc}"
             )
-        return response.status_code, answer
+        warnings = [_warn_text(v) for v in response.headers.get("warning", "").split(", 299 ") if v]
+        return response.status_code, answer, warnings
+
+    # A request that gets no answer within ``timeout`` is not abandoned: it stays open in its thread
+    # (up to ``settle_s``), because an archive that is frozen, not down, stores it when it wakes up.
+    # Until it is settled (answered, or its connection broken), its instances are neither sent again
+    # nor looked up (a QIDO-RS would say "not there" and the late request would store a second copy);
+    # its late answer is their outcome.
+
+    def _settle(self, items: list[Item]) -> tuple[dict[str, Failure | None], list[Item]]:
+        """Outcomes of the instances whose earlier request has settled meanwhile, and the instances
+        free to send or look up. Raises :class:`DeliveryError` while such a request is still open."""
+        with self._open_lock:
+            waiting = {id(f): f for i in items if (f := self._open.get(i.sop_uid)) is not None}
+        if not waiting:
+            return {}, items
+        done, pending = wait(list(waiting.values()), timeout=self.timeout)
+        if pending:
+            raise DeliveryError(f"an earlier STOW-RS request with these instances has had no answer for over "
+                                f"{self.timeout:g} s; they are not sent or looked up again until it is settled")
+        outcomes: dict[str, Failure | None] = {}
+        with self._open_lock:
+            for future in done:
+                uids = [uid for uid, f in self._open.items() if f is future]
+                for uid in uids:
+                    del self._open[uid]
+                try:
+                    outcomes.update({u: r for u, r in future.result().items() if u in uids})
+                except DeliveryError as exc:  # its connection broke or it failed: no outcome, look again
+                    log.info("outbox: a late STOW-RS request to %s settled: %s", self.destination.name, exc)
+        return outcomes, [i for i in items if i.sop_uid not in outcomes]
 
     def send(self, items: list[Item]) -> dict[str, Failure | None]:
-        status, answer = self._post(items)
+        settled, items = self._settle(items)
+        if not items:
+            return settled
+        future: Future = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(self._send_now(items))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        threading.Thread(target=run, name=f"segnode-stow-{self.destination.name}", daemon=True).start()
+        try:
+            return {**settled, **future.result(timeout=self.timeout)}
+        except FutureTimeout:
+            with self._open_lock:
+                self._open.update({i.sop_uid: future for i in items})
+            raise DeliveryError(f"no answer within {self.timeout:g} s; the request stays open and is awaited "
+                                "before these instances are sent or looked up again") from None
+
+    def _send_now(self, items: list[Item]) -> dict[str, Failure | None]:
+        status, answer, warnings = self._post(items)
         failed: dict[str, Failure] = {}
         for entry in answer.get("FailedSOPSequence", []) or []:
             uid = str(entry.get("ReferencedSOPInstanceUID", ""))
             reason = int(entry.get("FailureReason", 0x0110) or 0x0110)
+            said = next((w for w in warnings if uid and uid in w), "")
             failed[uid] = Failure(
-                f"STOW-RS failure reason 0x{reason:04X}", permanent=not _transient_status(reason)
+                f"STOW-RS failure reason 0x{reason:04X}" + (f" ({said})" if said else ""),
+                permanent=not _transient_status(reason),
             )
         stored = {
             str(e.get("ReferencedSOPInstanceUID", "")) for e in answer.get("ReferencedSOPSequence", []) or []
@@ -201,7 +265,8 @@ class StowSender:
     def present(self, items: list[Item]) -> set[str] | None:
         import requests
 
-        found: set[str] = set()
+        settled, items = self._settle(items)  # a late answer tells, without a QIDO-RS
+        found: set[str] = {uid for uid, failure in settled.items() if failure is None}
         try:
             for item in items:
                 hits = self.client.search_for_instances(
@@ -218,6 +283,12 @@ class StowSender:
 
     def close(self) -> None:
         self.client._session.close()
+
+
+def _warn_text(value: str) -> str:
+    """The text of one RFC 7234 Warning value (``299 agent "text"``), unquoted; the value if not so."""
+    match = re.search(r'"((?:[^"\\]|\\.)*)"', value)
+    return re.sub(r"\\(.)", r"\1", match.group(1)) if match else value.strip()
 
 
 def _transient_status(status: int) -> bool:

@@ -528,3 +528,99 @@ def test_segnode_outbox_status_and_retry(tmp_path: Path) -> None:
     assert store.get("j1").destinations["pacs"]["attempts"] == 0
     assert segnode("retry").stdout.strip() == "0 failed deliveries queued again"
     store.close()
+
+
+class FrozenArchive:
+    """A loopback STOW-RS + QIDO-RS server whose first STOW-RS request hangs (read, held, not answered)
+    until ``thaw()``; then it stores and answers, late. It counts what it was asked."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.posts: list[list[str]] = []
+        self.queries = 0
+        self.stored: set[str] = set()
+        self.frozen = threading.Event()
+        self.frozen.set()
+        self.holding = threading.Event()
+        archive = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def _json(self, status: int, body) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/dicom+json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self) -> None:
+                from node.web.stow import split_parts
+
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                boundary = self.headers["Content-Type"].split("boundary=")[1]
+                uids = [str(pydicom.dcmread(__import__("io").BytesIO(body[a:b])).SOPInstanceUID)
+                        for _, a, b in split_parts(body, boundary)]
+                archive.posts.append(uids)
+                if archive.frozen.is_set():
+                    archive.holding.set()
+                    while archive.frozen.is_set():
+                        time.sleep(0.02)
+                archive.stored.update(uids)
+                self._json(200, {"00081199": {"vr": "SQ", "Value": [
+                    {"00081155": {"vr": "UI", "Value": [u]}} for u in uids]}})
+
+            def do_GET(self) -> None:
+                from urllib.parse import parse_qs, urlparse
+
+                archive.queries += 1
+                uid = parse_qs(urlparse(self.path).query).get("SOPInstanceUID", [""])[0]
+                if uid in archive.stored:
+                    self._json(200, [{"00080018": {"vr": "UI", "Value": [uid]}}])
+                else:
+                    self._json(200, [])
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/dicomweb"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def thaw(self) -> None:
+        self.frozen.clear()
+
+    def close(self) -> None:
+        self.thaw()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_late_answer_from_a_frozen_archive_is_awaited_not_sent_twice(tmp_path: Path) -> None:
+    """STOW-RS times out while the archive is frozen, not down: the next attempts neither look the SEG
+    up nor send it again while that request is open; its late answer delivers it, with one POST."""
+    archive = FrozenArchive()
+    results = tmp_path / "results"
+    (uid,) = [sop(f) for f in dicom_series(results, n=1)]
+    clock = Clock(1000.0)
+    settings = OutboxSection(initial_delay_s=5, max_delay_s=60, max_attempts=6, timeout_s=0.5)
+    outbox = Outbox(tmp_path / "data", [Destination(name="pacs", kind="stowrs", url=archive.url)], settings,
+                    clock=clock)
+    try:
+        outbox.enqueue_results(job("job1"), results)
+        assert outbox.run_once() == 1  # the request hangs; after 0.5 s: failed attempt, in doubt
+        state = outbox.job_destinations("job1")["pacs"]
+        assert (state["state"], state["attempts"]) == ("pending", 1) and "stays open" in state["last_error"]
+        clock.now += 10
+        assert outbox.run_once() == 1  # still frozen: no QIDO-RS, no second POST
+        assert (archive.posts, archive.queries) == ([[uid]], 0)
+        assert "has had no answer" in outbox.job_destinations("job1")["pacs"]["last_error"]
+        archive.thaw()  # the held request is stored now and answered, late
+        clock.now += 20
+        assert outbox.run_once() == 1
+        state = outbox.job_destinations("job1")["pacs"]
+        assert (state["state"], archive.posts, archive.queries) == ("delivered", [[uid]], 0)
+    finally:
+        outbox.close()
+        archive.close()
