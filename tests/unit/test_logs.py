@@ -91,7 +91,7 @@ def test_warnings_and_library_records_reach_the_file_scrubbed(tmp_path: Path) ->
     try:
         raise ValueError(f"cannot parse {NAME!r}")
     except ValueError:
-        logging.getLogger("uvicorn.error").exception("request failed")
+        logging.getLogger("highdicom.seg.sop").exception("request failed")
     text = (tmp_path / "log" / "node.log").read_text()
     assert "py.warnings" in text and "unlikely to represent" in text and "Vexhollow" not in text
     assert "pydicom: bad value for PatientID in [redacted]" in text
