@@ -168,26 +168,30 @@ def check_disk(settings: Settings) -> list[Finding]:
 def _serve_pid(settings: Settings) -> int | None:
     """The pid of a ``segnode serve`` holding this data folder's lock, if one does."""
     lock = Path(settings.node.data_dir) / "serve.lock"
-    if not lock.exists():
+    try:
+        with open(lock) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                text = handle.read().strip()
+                return int(text) if text.isdigit() else -1
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    except OSError:  # no lock file, or not ours to read
         return None
-    with open(lock) as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            text = handle.read().strip()
-            return int(text) if text.isdigit() else -1
-        fcntl.flock(handle, fcntl.LOCK_UN)
     return None
 
 
-def _port_owner_is(pid: int, port: int) -> bool:
-    """True when process ``pid`` has a listening socket on ``port`` (from /proc, same user or root)."""
+def _port_owner_is(pid: int, port: int) -> bool | None:
+    """Whether process ``pid`` has a listening socket on ``port`` (from /proc); None when this user
+    may not look (another user's process)."""
     inodes = set()
     try:
         for fd in os.listdir(f"/proc/{pid}/fd"):
             target = os.readlink(f"/proc/{pid}/fd/{fd}")
             if target.startswith("socket:["):
                 inodes.add(target[8:-1])
+    except PermissionError:
+        return None
     except OSError:
         return False
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
@@ -211,8 +215,12 @@ def _check_port(check: str, host: str, port: int, key: str, serve_pid: int | Non
         sock.bind((host, port))
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
-            if serve_pid and serve_pid > 0 and _port_owner_is(serve_pid, port):
+            owner = _port_owner_is(serve_pid, port) if serve_pid and serve_pid > 0 else False
+            if owner:
                 return ok(check, f"{host}:{port} in use by this node (segnode serve, pid {serve_pid})")
+            if owner is None:
+                return warn(check, f"{host}:{port} in use, by this node's serve (pid {serve_pid}) unless another "
+                                   "program holds it", "run doctor as the node's user to tell")
             return fail(check, f"{host}:{port} is in use by another program",
                         f"stop that program (ss -ltnp 'sport = :{port}') or change {key}")
         if exc.errno == errno.EACCES:
