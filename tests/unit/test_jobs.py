@@ -228,6 +228,25 @@ class QueueContract:
         assert env.hooked == [job.id]
         assert list((Path(env.settings.node.data_dir) / "results" / job.id).iterdir()) == [Path(done.results)]
 
+    def test_a_stop_waits_for_a_job_that_ends_within_the_grace(self, env: Env, tmp_path: Path) -> None:
+        from node.serve import _drain
+
+        env.pipeline.gate = threading.Event()
+        job = env.router.on_series_ready(series(tmp_path))
+        env.start(workers=1)
+        assert env.pipeline.entered.wait(30)
+        assert env.runner is not None
+        left: list[int] = []
+        stopping = threading.Thread(target=lambda: left.append(_drain(env.queue, env.runner, grace=60)))
+        stopping.start()
+        stopping.join(0.3)
+        assert stopping.is_alive()  # waiting for the job, not cutting it off
+        env.pipeline.gate.set()
+        stopping.join(30)
+        assert left == [0]
+        done = env.store.get(job.id)
+        assert (done.state, done.attempts, events(done)) == ("done", 1, ["queued", "running", "done"])
+
     def test_transient_errors_are_retried_with_backoff(self, env: Env, tmp_path: Path) -> None:
         env.pipeline.script = [RuntimeError("GPU busy"), OSError("disk hiccup"), None]
         job = env.router.on_series_ready(series(tmp_path))
