@@ -126,6 +126,14 @@ class HttpSection(_Section):
     tokens: dict[str, SecretStr] = {}
     #: Users (names in ``tokens``) allowed the administrative API (``PUT /api/log-level``).
     admin_users: list[str] = ["admin"]
+    #: Tokens of remote workers (``segnode worker --node``) by name: their own role, which may only
+    #: use ``/api/worker/...`` (fetch the inputs of the jobs it holds, upload their results), and is
+    #: the only role those routes accept.
+    worker_tokens: dict[str, SecretStr] = {}
+    #: Serve HTTPS (uvicorn's own TLS) with this certificate chain and key (PEM); remote workers then
+    #: use ``https://`` and verify it (``[worker] ca_bundle`` for a self-signed or private CA).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
 
 class VolumeSection(_Section):
@@ -136,17 +144,43 @@ class VolumeSection(_Section):
 class QueueSection(_Section):
     backend: Literal["sqlite", "redis"] = "sqlite"
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
-    workers: int = Field(default=1, ge=1)
+    #: Worker threads in ``segnode serve`` (0: the node runs no jobs itself; Redis queue and
+    #: ``segnode worker`` elsewhere) and in ``segnode worker``.
+    workers: int = Field(default=1, ge=0)
     #: Runs of a job that fails for a transient reason (bad input is never retried).
     max_attempts: int = Field(default=3, ge=1)
     #: Delay before the first retry; doubled for each further one.
     retry_delay_s: float = Field(default=30.0, ge=0)
-    #: A running job whose worker sent no heartbeat for this long is run again.
+    #: The lease: a running job whose worker sent no heartbeat for this long is run again (by another
+    #: worker); the late worker's uploads and its "done" are refused from then on.
     stale_after_s: float = Field(default=300.0, gt=0)
     #: At SIGTERM, running jobs get this long to finish; those still running then are put back in
     #: the queue (the cut-off attempt not counted) and run again at the next start or by another
     #: worker. ``segnode install-service`` sets the unit's TimeoutStopSec above it.
     stop_grace_s: float = Field(default=30.0, ge=0)
+
+
+class WorkerSection(_Section):
+    """``segnode worker`` on a machine without the node's folders: inputs and results travel over the
+    node's HTTP API (``/api/worker``); jobs still come from the Redis queue."""
+
+    #: The node's HTTP root, e.g. ``https://node.example:8080``; empty: a worker that shares the node's
+    #: data folder (reads the spool, writes its own outbox), as before.
+    node_url: str = ""
+    #: One of the node's ``[http] worker_tokens``; better from the environment: ``SEGNODE_WORKER__TOKEN``.
+    token: SecretStr = SecretStr("")
+    #: The device this worker runs on (``cpu``, ``gpu``, ``gpu:N``): a GPU worker takes GPU jobs
+    #: (``[rule.pipeline] device = "gpu"``) before any others; a CPU worker never takes them.
+    #: Empty: ``[segmentation] device``.
+    device: str | None = Field(default=None, pattern=r"^(cpu|gpu|gpu:\d+|mps)$")
+    verify_tls: bool = True
+    #: A CA bundle (PEM) to verify the node's certificate with (a self-signed node), instead of the system's.
+    ca_bundle: Path | None = None
+    #: Seconds per HTTP request to the node (connect, or silence within a transfer).
+    timeout_s: float = Field(default=60.0, gt=0)
+    #: Retries back off from 0.2 s, doubling, up to this many seconds between tries; a worker keeps
+    #: retrying while its lease lasts (or, for a job's "done", until the node answers).
+    max_backoff_s: float = Field(default=10.0, gt=0)
 
 
 class SegmentationSection(_Section):
@@ -238,6 +272,7 @@ class Settings(BaseSettings):
     volume: VolumeSection = VolumeSection()
     queue: QueueSection = QueueSection()
     segmentation: SegmentationSection = SegmentationSection()
+    worker: WorkerSection = WorkerSection()
     destinations: list[Destination] = []
     outbox: OutboxSection = OutboxSection()
     orthanc: OrthancSection = OrthancSection()

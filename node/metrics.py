@@ -8,7 +8,9 @@ state are read from the job store at scrape time, so they include jobs run by ot
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -32,6 +34,13 @@ STAGE_SECONDS = Histogram(
     "segnode_stage_duration_seconds", "Time spent in each pipeline stage.", ["stage"], registry=REGISTRY,
     buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
 )
+
+WORKER_TRANSFER_SECONDS = Histogram(
+    "segnode_worker_transfer_seconds", "Remote workers: seconds per job to fetch its series and to upload its "
+    "results.", ["direction"], registry=REGISTRY, buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+WORKER_JOBS = Counter("segnode_worker_jobs", "Remote workers: runs ended, by worker (token name) and state.",
+                      ["worker", "state"], registry=REGISTRY)
 
 
 class _JobStates(Collector):
@@ -58,6 +67,41 @@ REGISTRY.register(_JOB_STATES)
 def count_jobs_with(counts: Callable[[], dict[str, int]] | None) -> None:
     """Where ``segnode_jobs`` reads its numbers (the app's job store)."""
     _JOB_STATES.counts = counts
+
+
+class _Workers(Collector):
+    """``segnode_worker_last_seen_seconds{worker,name,device}`` and ``segnode_worker_busy`` from the
+    node's table of workers seen, at scrape time."""
+
+    def __init__(self) -> None:
+        self.rows: Callable[[], list[dict[str, Any]]] | None = None
+
+    def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        labels = ["worker", "name", "device"]
+        return (GaugeMetricFamily("segnode_worker_last_seen_seconds", "Seconds since a worker last called.", labels=labels),
+                GaugeMetricFamily("segnode_worker_busy", "1 while a worker holds a job.", labels=labels))
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        seen, busy = self._families()
+        now = time.time()
+        for row in (self.rows() if self.rows is not None else []):
+            labels = [row["id"], row["name"], row["device"]]
+            seen.add_metric(labels, round(now - row["last_seen"], 3))
+            busy.add_metric(labels, 1.0 if row.get("job") else 0.0)
+        yield seen
+        yield busy
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield from self._families()
+
+
+_WORKERS = _Workers()
+REGISTRY.register(_WORKERS)
+
+
+def list_workers_with(rows: Callable[[], list[dict[str, Any]]] | None) -> None:
+    """Where the worker gauges read their rows (:meth:`node.jobs.workers.WorkerRegistry.list`)."""
+    _WORKERS.rows = rows
 
 
 def render() -> bytes:

@@ -315,10 +315,14 @@ class PipelineSpec(_Model):
     options: dict[str, Any] = {}
     #: Options per post-processing stage: ``{liver_vessels = {min_component_size = 50}}``.
     stage_options: dict[str, dict[str, Any]] = {}
+    #: The kind of device the job needs: ``"gpu"`` jobs are taken only by GPU workers (their own
+    #: queue); unset or ``"cpu"``: any worker.
+    device: Literal["cpu", "gpu"] | None = None
 
     def version(self) -> str:
-        """Changes when the pipeline would compute something else: the spec and the node version."""
-        blob = json.dumps({"node": __version__, **self.model_dump()}, sort_keys=True, default=str)
+        """Changes when the pipeline would compute something else: the spec and the node version
+        (not where it runs)."""
+        blob = json.dumps({"node": __version__, **self.model_dump(exclude={"device"})}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -11,8 +11,12 @@ durability instead: a crash or ``kill -9`` loses nothing — at the next start e
 is queued again (:func:`node.jobs.reconcile`) and completes exactly once (the job store's
 compare-and-set). A lock file keeps a second ``serve`` off the same data folder, which is what makes
 "every running job is an orphan at start" true with SQLite. For more machines, or to keep the engine
-out of the listener's process: ``[queue] backend = "redis"`` and ``segnode worker`` where the GPUs are
-(the spool folder must be shared with them, e.g. over NFS; job records live in Redis then).
+out of the listener's process: ``[queue] backend = "redis"`` and ``segnode worker`` where the GPUs are.
+A worker with ``[worker] node_url`` (``segnode worker --node URL --token T``) needs no shared folder:
+it claims jobs, fetches their series and uploads their results through the node's ``/api/worker``
+routes (:mod:`node.jobs.remote`, :mod:`node.web.workers`), and the node keeps every record, spool
+file and delivery; without ``node_url`` it reads the spool itself (a shared mount) as before.
+``[queue] workers = 0`` keeps a Redis node from running jobs itself.
 
 Stopping (SIGTERM or SIGINT, :func:`drain`). HTTP stops taking requests and finishes those in flight
 (10 s), the DICOM listener stops (stores in progress finish, open associations are cut: the sender
@@ -43,9 +47,10 @@ from node.config import Settings
 from node.ingest import Sender, SeriesReady
 from node.ingest.receiver import Receiver
 from node.jobs import Router, open_store, reconcile
-from node.jobs.queue import JobQueue, make_huey
-from node.jobs.store import JobStore
+from node.jobs.queue import JobQueue, make_hueys
+from node.jobs.store import JobStore, worker_id
 from node.jobs.worker import Hook, JobRunner
+from node.jobs.workers import ANY, WorkerRegistry, job_device, queue_kind, queue_kinds_for
 from node import metrics
 
 log = logging.getLogger(__name__)
@@ -93,19 +98,32 @@ def _check_http(settings: Settings) -> None:
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = host == "localhost"
+    if (settings.http.tls_cert is None) != (settings.http.tls_key is None):
+        raise ServeError("[http] tls_cert and tls_key go together")
     if not settings.http.tokens and not loopback:
         raise ServeError(f"[http] tokens are empty: the API would be open on {host}; "
                          "set tokens or listen on 127.0.0.1")
 
 
 def _watch_orphans(store: JobStore, enqueue: Callable[[str, float], None], stale_after: float,
-                   stop: threading.Event) -> None:
-    """Now and then: jobs whose worker went silent (another machine died) are queued again."""
+                   stop: threading.Event, tick: Callable[[], None] = lambda: None) -> None:
+    """Now and then: jobs whose worker went silent (another machine died: its lease expired) are
+    queued again, for another worker."""
     while not stop.wait(min(60.0, stale_after / 2)):
         try:
+            tick()
             reconcile(store, enqueue, stale_after=stale_after, resend_queued=False)
         except Exception:
             log.exception("orphan check failed")
+
+
+def kind_of_job(store: JobStore) -> Callable[[str], str]:
+    """The queue a job id goes to (by the device its rule asks for)."""
+    def kind(job_id: str) -> str:
+        job = store.get(job_id)
+        return queue_kind(job_device(job.pipeline)) if job is not None else ANY
+
+    return kind
 
 
 def _warm_up() -> None:
@@ -158,7 +176,8 @@ def serve(settings: Settings, *, on_started: Callable[[], None] | None = None) -
     log.info("config: %s; data in %s", settings.source.describe(), data_dir)
     store = open_store(settings)
     runner: list[JobRunner] = []
-    queue = JobQueue(make_huey(settings), lambda job_id: runner[0].run(job_id))
+    queue = JobQueue(make_hueys(settings), lambda job_id: runner[0].run(job_id), kind_of=kind_of_job(store))
+    workers = WorkerRegistry()
     receiver = MeteredReceiver.from_settings(settings)
     # The outbox: a job's SEG is queued for its destinations as soon as it is written (the meshes and
     # NIfTI files follow while it is sent), a done job's DICOM results again (a no-op for those already
@@ -184,23 +203,31 @@ def serve(settings: Settings, *, on_started: Callable[[], None] | None = None) -
         log.info("jobs at start: %d requeued (worker gone), %d failed (no attempts left), %d queued",
                  counts["requeued"], counts["failed"], counts["queued"])
         receiver.start()
-        queue.start(settings.queue.workers)
+        local = worker_id()
+        if settings.queue.workers:
+            queue.start(settings.queue.workers, kinds=queue_kinds_for(settings.segmentation.device))
+            workers.seen(local, name="local", device=settings.segmentation.device, job=None)
         caught_up = outbox.catch_up(store.list("done", limit=1000))
         if caught_up:
             log.info("outbox: %d done job(s) had results not yet queued; queued now", caught_up)
         outbox.start()
         _warm_up()
-        threading.Thread(target=_watch_orphans, args=(store, queue.enqueue, settings.queue.stale_after_s, stop),
+        tick = ((lambda: workers.seen(local, name="local", device=settings.segmentation.device))
+                if settings.queue.workers else (lambda: None))
+        threading.Thread(target=_watch_orphans, args=(store, queue.enqueue, settings.queue.stale_after_s, stop, tick),
                          name="segnode-orphans", daemon=True).start()
         listener = Listener(settings.dicom, receiver).start()
         app = create_app(AppContext(settings, store, queue.enqueue, receiver, outbox=outbox,
-                                    ingest_problem=receiver.spool.problem))  # fmt: skip
+                                    ingest_problem=receiver.spool.problem, runner=runner[0],
+                                    workers=workers))  # fmt: skip
         app.router.routes.extend(OrthancIntake(settings, receiver).routes())  # the Orthanc plugin's hand-off
         config = uvicorn.Config(app, host=settings.http.host, port=settings.http.port, log_config=None,
                                 lifespan="off", timeout_graceful_shutdown=10)
+        if settings.http.tls_cert is not None:
+            config.ssl_certfile, config.ssl_keyfile = str(settings.http.tls_cert), str(settings.http.tls_key)
         server = uvicorn.Server(config)
-        log.info("HTTP on %s:%d, %d worker thread(s), queue %s", settings.http.host, settings.http.port,
-                 settings.queue.workers, settings.queue.backend)
+        log.info("HTTP%s on %s:%d, %d worker thread(s), queue %s", "S" if settings.http.tls_cert else "",
+                 settings.http.host, settings.http.port, settings.queue.workers, settings.queue.backend)
         if on_started is not None:
             on_started()
         # uvicorn handles SIGINT/SIGTERM while it runs, then re-raises them to the handlers it found:
@@ -225,12 +252,15 @@ def serve(settings: Settings, *, on_started: Callable[[], None] | None = None) -
 
 def work(settings: Settings) -> int:
     """``segnode worker``: run jobs from the Redis queue until SIGINT/SIGTERM (no listener, no HTTP),
-    then drain as ``serve`` does; returns how many runs were cut off."""
+    then drain as ``serve`` does; returns how many runs were cut off. With ``[worker] node_url``: a
+    remote worker (:func:`work_remote`)."""
+    if settings.worker.node_url:
+        return work_remote(settings)
     if settings.queue.backend != "redis":
         raise ServeError('segnode worker needs [queue] backend = "redis"; with SQLite, raise [queue] workers')
     store = open_store(settings)
     runner: list[JobRunner] = []
-    queue = JobQueue(make_huey(settings), lambda job_id: runner[0].run(job_id))
+    queue = JobQueue(make_hueys(settings), lambda job_id: runner[0].run(job_id), kind_of=kind_of_job(store))
     from node.export.outbox import Outbox
 
     # Results are written here, so they are delivered from here (this machine's <data_dir>/outbox).
@@ -239,6 +269,25 @@ def work(settings: Settings) -> int:
                             on_output=(outbox.enqueue_output,)))
     _warm_up()
     _reload_on_sighup()
+    settings.segmentation.device = settings.worker.device = settings.worker.device or settings.segmentation.device
+    kinds = queue_kinds_for(settings.worker.device)
+    stop = _stop_on_signals()
+    outbox.start()
+    try:
+        queue.start(max(1, settings.queue.workers), kinds=kinds)
+        log.info("worker: %d thread(s) on the Redis queue(s) %s", max(1, settings.queue.workers), ", ".join(kinds))
+        while not stop.wait(1.0):
+            pass
+    finally:
+        left = _drain(queue, runner[0], settings.queue.stop_grace_s)
+        outbox.close()
+        store.close()
+        log.info("stopped")
+    return left
+
+
+def _stop_on_signals() -> threading.Event:
+    """An event set by SIGINT/SIGTERM (``segnode worker``: then it drains)."""
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
@@ -247,15 +296,42 @@ def work(settings: Settings) -> int:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, on_signal)
-    outbox.start()
+    return stop
+
+
+def work_remote(settings: Settings) -> int:
+    """A worker with no shared folder: job ids from the Redis queue, everything else from and to the
+    node's HTTP API (:class:`node.jobs.remote.NodeClient`); nothing it holds is lost with it. Stops as
+    ``work`` does: a run still going after ``[queue] stop_grace_s`` is handed back to the node."""
+    from node.jobs.remote import NodeClient, NodeUnreachable
+
+    if not settings.worker.token.get_secret_value():
+        raise ServeError("a remote worker needs its token: --token, [worker] token or SEGNODE_WORKER__TOKEN")
+    settings.queue.backend = "redis"  # the queue every worker shares; records stay with the node
+    # What run_pipeline runs on here, and what the node is told (which queues this worker takes).
+    settings.segmentation.device = settings.worker.device = settings.worker.device or settings.segmentation.device
+    client = NodeClient(settings, worker_id())
     try:
-        queue.start(settings.queue.workers)
-        log.info("worker: %d thread(s) on the Redis queue", settings.queue.workers)
+        client.hello()
+    except NodeUnreachable as exc:
+        log.warning("%s; starting anyway, retrying in the background", exc)
+    client.clean()
+    runner = JobRunner(client, settings, hooks=(client.cleanup,), on_output=(client.deliver,),  # type: ignore[arg-type]
+                       inputs=client.inputs)
+    queue = JobQueue(make_hueys(settings), runner.run)
+    _warm_up()
+    _reload_on_sighup()
+    kinds = queue_kinds_for(settings.worker.device)
+    stop = _stop_on_signals()
+    client.say_hello_every()
+    try:
+        queue.start(max(1, settings.queue.workers), kinds=kinds)
+        log.info("worker: %d thread(s) on the Redis queue(s) %s, node %s, device %s", max(1, settings.queue.workers),
+                 ", ".join(kinds), client.base, settings.worker.device)
         while not stop.wait(1.0):
             pass
     finally:
-        left = _drain(queue, runner[0], settings.queue.stop_grace_s)
-        outbox.close()
-        store.close()
+        left = _drain(queue, runner, settings.queue.stop_grace_s)
+        client.stop.set()
         log.info("stopped")
     return left

@@ -585,11 +585,13 @@ REPO = Path(__file__).resolve().parents[1]
 class SegnodeServe:
     """``segnode serve`` as a subprocess on free loopback ports with a temporary config; stopped by its PID.
 
-    ``ingest`` adds keys to ``[ingest]`` (a TOML table may be written once); ``extra`` is appended as
+    ``ingest`` and ``http`` add keys to ``[ingest]`` and ``[http]`` (a TOML table may be written once);
+    ``extra`` is appended as
     TOML tables (``[queue]``, ``[outbox]``, ``[[destinations]]`` ...).
     """
 
-    def __init__(self, workdir: Path, *, rules: str, token: str, ingest: str = "", extra: str = "") -> None:
+    def __init__(self, workdir: Path, *, rules: str, token: str, ingest: str = "", extra: str = "",
+                 http: str = "") -> None:
         self.workdir = workdir
         self.data_dir = workdir / "data"
         self.token = token
@@ -606,6 +608,7 @@ port = {self.dicom_port}
 [http]
 port = {self.http_port}
 tokens = {{ test = "{token}" }}
+{http}
 [ingest]
 quiet_seconds = 30
 {ingest}
@@ -613,10 +616,17 @@ quiet_seconds = 30
 """)
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        #: With ``tls_cert`` in ``http``: the node serves HTTPS; this CA bundle verifies it.
+        self.ca_bundle: Path | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"{'https' if self.ca_bundle else 'http'}://127.0.0.1:{self.http_port}"
+
+    def _verify(self) -> Any:
+        import ssl
+
+        return ssl.create_default_context(cafile=str(self.ca_bundle)) if self.ca_bundle else True
 
     def start(self, command: Sequence[str] | None = None, *, env: Mapping[str, str] | None = None,
               cwd: Path | None = None) -> SegnodeServe:
@@ -636,7 +646,8 @@ quiet_seconds = 30
             if self.process.poll() is not None:
                 raise AssertionError(f"segnode serve exited:\n{self.log()}")
             try:
-                if httpx.get(f"{self.url}/healthz", trust_env=False, timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}/healthz", trust_env=False, timeout=1,
+                             verify=self._verify()).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
@@ -652,7 +663,8 @@ quiet_seconds = 30
         import httpx
 
         response = httpx.get(
-            self.url + path, headers={"Authorization": f"Bearer {self.token}"}, trust_env=False, timeout=10
+            self.url + path, headers={"Authorization": f"Bearer {self.token}"}, trust_env=False, timeout=10,
+            verify=self._verify(),
         )
         response.raise_for_status()
         return response.json()
@@ -699,3 +711,64 @@ def serve_in_thread(app: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+class SegnodeWorker:
+    """``segnode worker --node URL --token T`` as a subprocess with its own data folder (no shared
+    folder with the node); stopped by its PID."""
+
+    def __init__(self, workdir: Path, *, node_url: str, token: str, redis_url: str, device: str = "cpu",
+                 env: Mapping[str, str] | None = None, extra: str = "") -> None:
+        self.workdir = workdir
+        self.data_dir = workdir / "data"
+        self.node_url, self.token, self.device = node_url, token, device
+        self.env = dict(env or {})
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.config = workdir / "worker.toml"
+        self.config.write_text(f'[node]\ndata_dir = "{self.data_dir}"\n'
+                               f'[queue]\nbackend = "redis"\nredis_url = "{redis_url}"\n{extra}\n')
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self) -> SegnodeWorker:
+        self.starts += 1
+        env = {**os.environ, **self.env, "SEGNODE_WORKER__TOKEN": self.token}
+        with open(self.workdir / f"worker-{self.starts}.log", "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "node", "--config", str(self.config), "worker", "--node", self.node_url,
+                 "--device", self.device], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, env=env,
+            )
+        return self
+
+    def wait_ready(self, timeout: float = 60) -> SegnodeWorker:
+        """Until it logs that it takes jobs from the queue."""
+        deadline = time.monotonic() + timeout
+        current = self.workdir / f"worker-{self.starts}.log"
+        while " thread(s) on the Redis queue" not in current.read_text(errors="replace"):
+            assert self.process is not None
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"segnode worker did not start:\n{self.log()}")
+            time.sleep(0.05)
+        return self
+
+    def log(self, tail: int | None = None) -> str:
+        texts = (self.workdir / f"worker-{n}.log" for n in range(1, self.starts + 1))
+        return "\n".join(t.read_text(errors="replace")[-tail if tail else 0:] for t in texts if t.exists())
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        process, self.process = self.process, None
+        if process is None:
+            return 0
+        if process.poll() is None:
+            os.kill(process.pid, sig)
+        try:
+            return process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            return process.wait()

@@ -109,11 +109,36 @@ def _end(cut_off: int) -> None:
         os._exit(0)
 
 
-def worker_command() -> None:
-    """Run extra job workers on the Redis queue (queue backend "redis"), e.g. on a GPU machine."""
+def worker_command(
+    node: Annotated[Optional[str], typer.Option(
+        "--node", help="The node's HTTP root (http(s)://host:port): inputs and results travel over HTTP, no "
+                       "shared folder (default: \\[worker] node_url).")] = None,
+    token: Annotated[Optional[str], typer.Option(
+        "--token", help="This worker's token (one of the node's \\[http] worker_tokens; default: "
+                        "\\[worker] token, SEGNODE_WORKER__TOKEN).", show_default=False)] = None,
+    device: Annotated[Optional[str], typer.Option(
+        "--device", help="cpu, gpu or gpu:N: a GPU worker also takes GPU jobs (default: \\[worker] device, "
+                         "else \\[segmentation] device).")] = None,
+) -> None:
+    """Run job workers on the Redis queue, e.g. on a GPU machine: with --node, a remote worker that needs
+    no shared folder; without, a worker that reads the node's spool (a shared mount)."""
+    import re
+
+    from pydantic import SecretStr
+
     from node.serve import ServeError, work
 
     config = settings()
+    if node is not None:
+        if not re.match(r"^https?://[^/\s]+", node):
+            raise fail(f"--node must be http(s)://host:port, got {node!r}", 2)
+        config.worker.node_url = node
+    if token is not None:
+        config.worker.token = SecretStr(token)
+    if device is not None:
+        if not re.match(r"^(cpu|gpu|gpu:\d+|mps)$", device):
+            raise fail(f"--device must be cpu, gpu, gpu:N or mps, got {device!r}", 2)
+        config.worker.device = device
     _start_logging(config)
     try:
         left = work(config)

@@ -29,6 +29,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,8 @@ PipelineFn = Callable[..., Any]
 Hook = Callable[[Job, Path], None]
 #: Called while a job runs, as soon as the pipeline has written an output: ``hook(job, name, path)``.
 OutputHook = Callable[[Job, str, Path], None]
+#: ``with inputs(job) as folder:`` the job's series as a local folder, for the run's length.
+Inputs = Callable[[Job], AbstractContextManager[Path]]
 #: Bad input and refusals: failed at once with their own code, never retried.
 BAD_INPUT: tuple[type[Exception], ...] = (NodeError,)
 
@@ -74,6 +77,13 @@ class StageClock:
         self.seconds[self.current] = self.seconds.get(self.current, 0.0) + elapsed
         closed, self.current = (self.current, elapsed), None
         return closed
+
+    @classmethod
+    def of(cls, seconds: dict[str, float]) -> StageClock:
+        """A closed clock holding ``seconds`` (a remote run's timings)."""
+        clock = cls()
+        clock.seconds = dict(seconds)
+        return clock
 
     def snapshot(self) -> dict[str, float]:
         out = dict(self.seconds)
@@ -150,8 +160,12 @@ class JobRunner:
     def __init__(self, store: JobStore, settings: Settings, *, pipeline: PipelineFn = default_pipeline,
                  request: Callable[[Job, Settings], Any] = build_request,
                  enqueue: Callable[[str, float], None] | None = None, hooks: tuple[Hook, ...] = (),
-                 on_output: tuple[OutputHook, ...] = (), heartbeat_s: float | None = None) -> None:
+                 on_output: tuple[OutputHook, ...] = (), heartbeat_s: float | None = None,
+                 inputs: Inputs | None = None) -> None:
         self.store, self.settings, self.pipeline, self.request = store, settings, pipeline, request
+        #: Where a job's series comes from: None = its spool folder (``job.folder``) on this machine;
+        #: a remote worker fetches it from the node (:class:`node.jobs.remote.NodeClient`).
+        self.inputs = inputs
         self.enqueue = enqueue
         self.hooks = hooks
         self.on_output = on_output
@@ -173,7 +187,7 @@ class JobRunner:
             log.info("job %s: not run (%s)", job_id, current.state if current else "unknown job")
             return None
         # Every line of this run names job and series (node.logs); its patient's values are scrubbed.
-        with logs.job_context(job.id, job.series_uid), logs.patient_data(job.folder):
+        with logs.job_context(job.id, job.series_uid), logs.patient_data(job.folder or None):
             return self._run(job)
 
     def _run(self, job: Job) -> str | None:
@@ -195,7 +209,12 @@ class JobRunner:
             progress = self._progress(job, clock, lost)
             clock.enter("prepare")
             request = self.request(job, self.settings)
-            result = self.pipeline(Path(job.folder), outdir, request, progress)
+            if self.inputs is None:
+                result = self.pipeline(Path(job.folder), outdir, request, progress)
+            else:  # a remote worker: the series is fetched first (stage "fetch"), removed after the run
+                self._closed(clock.enter("fetch"))
+                with self.inputs(job) as source, logs.patient_data(source):
+                    result = self.pipeline(source, outdir, request, progress)
             self._closed(clock.close())
         except Exception as exc:  # the pipeline reports failures in its result; this is a bug or I/O
             self._closed(clock.close())
@@ -290,13 +309,27 @@ class JobRunner:
         if not owned:
             lost.set()
             return
+        self.deliver(job, event.message or event.stage, Path(event.path))
+
+    def deliver(self, job: Job, name: str, path: Path) -> None:
+        """An output of a run that holds ``job`` is written (here, or uploaded by a remote worker):
+        the ``on_output`` hooks (the outbox) take it now."""
         for hook in self.on_output:
             try:
-                hook(job, event.message or event.stage, Path(event.path))
+                hook(job, name, path)
             except Exception as exc:  # the hooks at the job's end try again
-                name = getattr(hook, "__name__", repr(hook))
-                log.exception("job %s: output hook %s failed", job.id, name)
-                self._note(job.id, "hook_failed", f"{name}: {type(exc).__name__}: {exc}")
+                hook_name = getattr(hook, "__name__", repr(hook))
+                log.exception("job %s: output hook %s failed", job.id, hook_name)
+                self._note(job.id, "hook_failed", f"{hook_name}: {type(exc).__name__}: {exc}")
+
+    # --- runs on remote workers (node.web.workers): the same endings as a run here ---------------
+    def complete(self, job: Job, outdir: Path, timings: dict[str, float]) -> str | None:
+        """A remote run of ``job`` uploaded its results into ``outdir``: done, then the hooks."""
+        return self._done(job, outdir, StageClock.of(timings))
+
+    def failed_elsewhere(self, job: Job, code: str, message: str, timings: dict[str, float]) -> str | None:
+        """A remote run of ``job`` failed: retried or failed by the same rules as a run here."""
+        return self._failed(job, code, message, StageClock.of(timings))
 
     def _beat(self, job: Job, lost: threading.Event, stop: threading.Event) -> None:
         assert job.run_id is not None

@@ -8,6 +8,7 @@
 ``GET  /api/jobs/{id}``        one job: state, stage, progress, per-stage timings, error, history
 ``POST /api/jobs/{id}/retry``  run a failed job again (202), 409 if it is not failed
 ``GET|PUT /api/log-level``     the log level; PUT ``{"level": "DEBUG"}`` changes it now (admin users)
+``/api/worker/...``            remote workers only (:mod:`node.web.workers`)
 ``POST /dicomweb/studies``     STOW-RS (:mod:`node.web.stow`)
 ``GET  /``, ``/edit/{series}``  dashboard and correction editor pages (:mod:`node.web.dashboard`,
                                :mod:`node.web.editor`), with their ``/api/dashboard``, ``/api/edit``
@@ -36,8 +37,9 @@ from starlette.routing import Route
 
 from node import __version__
 from node.config import Settings
-from node.jobs.store import STATES, JobStore
 from node import metrics
+from node.jobs.store import STATES, Job, JobStore
+from node.jobs.workers import WorkerRegistry, job_device, queue_kind
 from node.web.annotations import AnnotationLog
 from node.web.auth import TokenAuth
 from node.web.dashboard import Dashboard, PublicPages
@@ -60,6 +62,12 @@ class AppContext:
     outbox: Any = None
     #: What keeps ingest from storing right now (``Spool.problem``), reported by ``/healthz``.
     ingest_problem: Callable[[], str | None] = lambda: None
+    #: The node's :class:`~node.jobs.worker.JobRunner` (its hooks end remote runs too); with it and
+    #: ``[http] worker_tokens``, the remote workers' routes are served.
+    runner: Any = None
+    #: The workers seen (listed on the dashboard and in ``/metrics``; queued GPU jobs say when they
+    #: wait for want of a GPU worker).
+    workers: WorkerRegistry | None = None
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -86,9 +94,19 @@ def _summary(job: dict[str, Any]) -> dict[str, Any]:
     return job
 
 
+def with_waiting(job: Job, data: dict[str, Any], workers: WorkerRegistry | None, lease_s: float) -> dict[str, Any]:
+    """``waiting``: why a queued job is not taken, when it is for want of a worker of its kind."""
+    if job.state == "queued" and workers is not None:
+        data["waiting"] = workers.waiting_for(queue_kind(job_device(job.pipeline)), lease_s)
+    return data
+
+
 def create_app(ctx: AppContext) -> Starlette:
     store = ctx.store
     metrics.count_jobs_with(store.counts)
+    lease_s = ctx.settings.queue.stale_after_s
+    if ctx.workers is not None:
+        metrics.list_workers_with(ctx.workers.list)
 
     def healthz(request: Request) -> Response:
         try:
@@ -119,13 +137,14 @@ def create_app(ctx: AppContext) -> Starlette:
             limit, offset = _page(request)
         except _BadRequest as exc:
             return _error(400, str(exc))
-        return JSONResponse([_summary(j.public()) for j in store.list(state, limit, offset)])
+        return JSONResponse([with_waiting(j, _summary(j.public()), ctx.workers, lease_s)
+                             for j in store.list(state, limit, offset)])
 
     def job(request: Request) -> Response:
         found = store.get(request.path_params["job_id"])
         if found is None:
             return _error(404, "no such job")
-        return JSONResponse(found.public())
+        return JSONResponse(with_waiting(found, found.public(), ctx.workers, lease_s))
 
     def retry(request: Request) -> Response:
         job_id = request.path_params["job_id"]
@@ -170,7 +189,12 @@ def create_app(ctx: AppContext) -> Starlette:
         tmp = Path(ctx.settings.node.data_dir) / "tmp"
         routes += StowRoute(ctx.receiver, ctx.settings.http.max_upload_mb, tmp).routes()
     annotations = AnnotationLog(Path(ctx.settings.node.data_dir) / "annotations.sqlite")
-    routes += Dashboard(ctx.settings, store, lambda: ctx.outbox).routes()
+    if ctx.runner is not None and ctx.workers is not None and ctx.settings.http.worker_tokens:
+        from node.web.workers import WorkerRoutes
+
+        routes += WorkerRoutes(ctx.settings, store, ctx.runner, ctx.workers, ctx.enqueue).routes()
+    routes += Dashboard(ctx.settings, store, lambda: ctx.outbox, workers=ctx.workers).routes()
     routes += Editor(ctx.settings, store, annotations, lambda: ctx.outbox).routes()
     return Starlette(routes=routes, middleware=[Middleware(PublicPages),
-                                                Middleware(TokenAuth, tokens=ctx.settings.http.tokens)])
+                                                Middleware(TokenAuth, tokens=ctx.settings.http.tokens,
+                                                           worker_tokens=ctx.settings.http.worker_tokens)])

@@ -5,7 +5,12 @@
 
 Every path but the open ones (``/healthz``) needs one when tokens are configured; with no tokens
 the API is open (for loopback use only: ``segnode serve`` refuses to listen elsewhere without them).
-Tokens are compared in constant time; the user name is put in ``scope["state"]["user"]``.
+Tokens are compared in constant time; the user name is put in ``scope["state"]["user"]``, its role
+in ``scope["state"]["role"]``.
+
+Two roles. ``[http] tokens`` are users (the API, the pages, STOW-RS). ``[http] worker_tokens`` are
+remote workers: they may use ``/api/worker/...`` and nothing else, and those routes take no other
+role (403 either way; the routes themselves check that a worker holds the job it asks about).
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 log = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/healthz"})
+#: The remote workers' routes (:mod:`node.web.workers`): worker tokens only.
+WORKER_PREFIX = "/api/worker/"
+USER, WORKER = "user", "worker"
 CHALLENGE = b'Basic realm="segnode", Bearer realm="segnode"'
 
 
@@ -50,26 +58,61 @@ def authenticate(authorization: str, tokens: dict[str, SecretStr]) -> str | None
     return None
 
 
-class TokenAuth:
-    """ASGI middleware: 401 with a challenge unless the request proves a configured user."""
+def authenticate_role(authorization: str, tokens: dict[str, SecretStr],
+                      worker_tokens: dict[str, SecretStr]) -> tuple[str, str] | None:
+    """``(name, role)`` an ``Authorization`` header value proves, or None. Both tables are always
+    searched (the same time whichever matches)."""
+    user = authenticate(authorization, tokens)
+    worker = authenticate(authorization, worker_tokens)
+    if user is not None:
+        return user, USER
+    if worker is not None:
+        return worker, WORKER
+    return None
 
-    def __init__(self, app: ASGIApp, tokens: dict[str, SecretStr], open_paths: frozenset[str] = OPEN_PATHS):
+
+async def _refuse(send: Send, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 401:
+        headers.append((b"www-authenticate", CHALLENGE))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class TokenAuth:
+    """ASGI middleware: 401 with a challenge unless the request proves a configured user or worker;
+    403 when the role does not fit the path (a worker outside ``/api/worker/``, anyone else inside)."""
+
+    def __init__(self, app: ASGIApp, tokens: dict[str, SecretStr], open_paths: frozenset[str] = OPEN_PATHS,
+                 worker_tokens: dict[str, SecretStr] | None = None):
         self.app, self.tokens, self.open_paths = app, tokens, open_paths
+        self.worker_tokens = worker_tokens or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.tokens or scope["path"] in self.open_paths:
+        if scope["type"] != "http" or scope["path"] in self.open_paths:
+            await self.app(scope, receive, send)
+            return
+        worker_path = scope["path"].startswith(WORKER_PREFIX)
+        if not self.tokens and not self.worker_tokens:
+            if worker_path:  # an open API (loopback) still has no anonymous workers
+                await _refuse(send, 403, "no worker tokens are configured ([http] worker_tokens)")
+                return
             await self.app(scope, receive, send)
             return
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-        user = authenticate(header, self.tokens) if header else None
-        if user is None:
+        proved = authenticate_role(header, self.tokens, self.worker_tokens) if header else None
+        if proved is None:
             log.info("HTTP %s %s: 401 (%s)", scope["method"], scope["path"],
                      "bad credentials" if header else "no credentials")
-            body = json.dumps({"error": "authentication required"}).encode()
-            await send({"type": "http.response.start", "status": 401, "headers": [
-                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                (b"www-authenticate", CHALLENGE)]})
-            await send({"type": "http.response.body", "body": body})
+            await _refuse(send, 401, "authentication required")
             return
-        scope.setdefault("state", {})["user"] = user
+        name, role = proved
+        if worker_path != (role == WORKER):
+            log.info("HTTP %s %s: 403 (%s %s)", scope["method"], scope["path"], role, name)
+            await _refuse(send, 403, "worker tokens may only use /api/worker/ routes" if role == WORKER
+                          else "/api/worker/ routes need a worker token")
+            return
+        state = scope.setdefault("state", {})
+        state["user"], state["role"] = name, role
         await self.app(scope, receive, send)

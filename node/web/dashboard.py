@@ -5,7 +5,9 @@
 ``GET /edit/{series}``                     the editor page (:mod:`node.web.editor` serves its data)
 ``GET /static/...``                        the pages' scripts and styles
 ``GET /api/whoami``                        the signed-in user (``{"user": ..., "auth": true}``)
-``GET /api/dashboard``                     jobs, series, queue depth, workers, destinations, outbox
+``GET /api/dashboard``                     jobs, series, queue depth, workers (seen: id, host, device, last
+                                           heartbeat, current job, runs, fetch/upload seconds), destinations,
+                                           outbox
 ``GET /api/jobs/{id}/artifacts``           the files of a done job's results folder
 ``GET /api/jobs/{id}/artifacts/{path}``    one of them (report.json, labels, seg.dcm, meshes, .blend, ...)
 =========================================  ===========================================================
@@ -36,6 +38,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from node import __version__
 from node.config import Settings
 from node.jobs.store import Job, JobStore
+from node.jobs.workers import WorkerRegistry, job_device, queue_kind
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +124,11 @@ def list_artifacts(results: Path) -> list[dict[str, Any]]:
 class Dashboard:
     """The dashboard's API routes; ``outbox()`` gives the node's outbox or None."""
 
-    def __init__(self, settings: Settings, store: JobStore, outbox: Callable[[], Any] | None = None) -> None:
+    def __init__(self, settings: Settings, store: JobStore, outbox: Callable[[], Any] | None = None, *,
+                 workers: WorkerRegistry | None = None) -> None:
         self.settings, self.store = settings, store
         self.outbox = outbox or (lambda: None)
+        self.workers = workers
 
     def routes(self) -> list[Route]:
         return [
@@ -142,6 +147,9 @@ class Dashboard:
         history = row.pop("history", [])
         row["last_event"] = history[-1] if history else None
         row["artifacts"] = len(list_artifacts(Path(job.results))) if job.state == "done" and job.results else 0
+        if job.state == "queued" and self.workers is not None:
+            row["waiting"] = self.workers.waiting_for(queue_kind(job_device(job.pipeline)),
+                                                      self.settings.queue.stale_after_s)
         return row
 
     def overview(self, request: Request) -> Response:
@@ -168,6 +176,7 @@ class Dashboard:
             "counts": counts,
             "destinations": [{"name": d.name, "kind": d.kind} for d in self.settings.destinations],
             "outbox": outbox_status,
+            "workers": self.workers.list() if self.workers is not None else [],
             "jobs": jobs,
             "series": self.store.series(limit, 0),
         })

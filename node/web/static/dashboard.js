@@ -87,7 +87,8 @@ function renderJobs(jobs) {
         el("div", { class: "muted", text: `gen ${job.generation}, ${job.instance_count} inst.` })),
       el("td", { text: [job.sender.via, job.sender.calling_aet].filter(Boolean).join(" ") }),
       el("td", {}, job.rule, el("div", { class: "muted", text: job.engine })),
-      el("td", {}, badge(job.state), job.attempts > 1 ? el("div", { class: "muted", text: `attempt ${job.attempts}` }) : null),
+      el("td", {}, badge(job.state), job.attempts > 1 ? el("div", { class: "muted", text: `attempt ${job.attempts}` }) : null,
+        job.waiting ? el("div", { class: "reason waiting", text: job.waiting }) : null),
       el("td", { text: job.stage }),
       el("td", {}, el("progress", { max: 1, value: job.progress }),
         el("span", { class: "muted", text: ` ${Math.round(job.progress * 100)}%` })),
@@ -135,6 +136,18 @@ function renderOutbox(data) {
     : [el("tr", {}, el("td", { colspan: 8, class: "muted", text: "no destinations configured: corrections stay in the node's corrections folder" }))]));
 }
 
+function renderWorkers(workers) {
+  const body = document.querySelector("#workers tbody");
+  const now = Date.now() / 1000;
+  body.replaceChildren(...(workers.length ? workers.map((w) => el("tr", { dataset: { worker: w.id } },
+    el("td", { text: w.id }), el("td", { text: w.name }), el("td", { text: w.host }), el("td", { text: w.device }),
+    el("td", { text: seconds(Math.max(0, now - w.last_seen)) + " ago" }),
+    el("td", { class: "uid", text: w.job || "" }),
+    el("td", { text: Object.entries(w.jobs).map(([state, n]) => `${n} ${state}`).join(", ") }),
+    el("td", { text: `${seconds(w.fetch_seconds)} / ${seconds(w.upload_seconds)}` })))
+    : [el("tr", {}, el("td", { colspan: 8, class: "muted", text: "no worker seen yet" }))]));
+}
+
 async function renderAnnotations() {
   const rows = (await api("/api/annotations")).slice(-20).reverse();
   document.querySelector("#annotations tbody").replaceChildren(...(rows.length ? rows.map((r) => el("tr", {},
@@ -161,6 +174,7 @@ async function poll() {
     renderJobs(data.jobs);
     renderSeries(data.series, data.jobs);
     renderOutbox(data);
+    renderWorkers(data.workers || []);
     if (tick++ % 5 === 0) await renderAnnotations();
     document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
     document.body.dataset.loaded = "1";
