@@ -55,6 +55,7 @@ OTHER_VARIABLES: dict[str, str] = {
     "SEGNODE_OHIF_DIST": "tests: the OHIF build",
     "SEGNODE_TEST_OUTPUT": "tests: where screenshots go",
     "SEGNODE_TEST_REPORT": "tests: a report file written inside Orthanc",
+    "SEGNODE_TEST_HOLD_SEGMENT": "tests: a remote worker's run waits at its segment stage until this file exists",
 }
 
 
