@@ -175,7 +175,12 @@ class WorkerRoutes:
         body = await self._body(request)
         if not body.get("worker"):
             return _error(400, "worker (its id) is required")
-        self._seen(request, body, job=body.get("job") if "job" in body else False)
+        job_id = body.get("job")
+        if job_id:  # a hello sent during a run may arrive after its end: only a job it still runs counts
+            job = self.store.get(str(job_id))
+            holder = f"{body['worker']}:{self._name(request)}"
+            job_id = job.id if job is not None and job.state == "running" and job.worker == holder else None
+        self._seen(request, body, job=job_id or None)
         return JSONResponse({"lease_s": self.lease_s})
 
     async def claim(self, request: Request) -> Response:

@@ -145,9 +145,9 @@ def test_ten_series_two_remote_workers_each_once(cluster, tmp_path: Path, phanto
     assert sorted(str(s.ReferencedSeriesSequence[0].SeriesInstanceUID) for s in delivered) == sorted(
         uid for uid, _ in series)
     assert len({str(s.SOPInstanceUID) for s in delivered}) == 10
-    for w in workers:
+    for w in workers:  # inputs and results are removed after each job (results once "done" is answered)
+        wait_until(lambda: not any(p.is_file() for p in w.data_dir.rglob("*")), 10, "worker folders emptied")
         assert_no_node_path(w, node)
-        assert not any(p.is_file() for p in w.data_dir.rglob("*"))  # inputs and results removed after each job
     dashboard = httpx.get(f"{node.url}/api/dashboard", headers={"Authorization": f"Bearer {TOKEN}"},
                           trust_env=False).json()
     seen = {w["id"].split(":")[1]: w for w in dashboard["workers"]}
