@@ -17,6 +17,7 @@ association.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import re
@@ -231,7 +232,8 @@ class StowSender:
             except BaseException as exc:
                 future.set_exception(exc)
 
-        threading.Thread(target=run, name=f"segnode-stow-{self.destination.name}", daemon=True).start()
+        threading.Thread(target=contextvars.copy_context().run, args=(run,),  # log lines keep the job id
+                         name=f"segnode-stow-{self.destination.name}", daemon=True).start()
         try:
             return {**settled, **future.result(timeout=self.timeout)}
         except FutureTimeout:

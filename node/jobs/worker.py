@@ -24,6 +24,7 @@ Logs name job and series ids only, never patient data.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import shutil
 import threading
@@ -201,8 +202,8 @@ class JobRunner:
         with self._active_lock:
             self._active[job.id] = (job.run_id, lost)
         stop_beat = threading.Event()
-        beat = threading.Thread(target=self._beat, args=(job, lost, stop_beat), daemon=True,
-                                name=f"heartbeat-{job.id}")
+        beat = threading.Thread(target=contextvars.copy_context().run,  # its lines name the job too
+                                args=(self._beat, job, lost, stop_beat), daemon=True, name=f"heartbeat-{job.id}")
         beat.start()
         try:
             outdir.mkdir(parents=True, exist_ok=True)
