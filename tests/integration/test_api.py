@@ -24,7 +24,7 @@ TOKENS = {"alice": "a-secret-token", "bob": "another-token"}
 @pytest.fixture
 def node(tmp_path: Path):
     settings = Settings(node={"data_dir": tmp_path / "data", "rules": tmp_path / "none.toml"},
-                        http={"tokens": TOKENS}, queue={"max_attempts": 2, "retry_delay_s": 0},
+                        http={"tokens": TOKENS, "admin_users": ["alice"]}, queue={"max_attempts": 2, "retry_delay_s": 0},
                         destinations=[{"name": "pacs", "kind": "folder", "path": str(tmp_path / "out")}])
     store = open_store(settings)
     enqueued: list[str] = []
@@ -133,3 +133,24 @@ def test_open_api_without_tokens(tmp_path: Path) -> None:
     with serve_in_thread(create_app(AppContext(settings, store, lambda *a: None))) as url, client(url) as http:
         assert http.get("/api/jobs").json() == []
     store.close()
+
+
+def test_the_log_level_changes_by_api_for_admin_users_only(node) -> None:
+    import logging
+
+    url, before = node[0], logging.getLogger().level
+    alice, bob = {"Authorization": "Bearer a-secret-token"}, {"Authorization": "Bearer another-token"}
+    try:
+        with client(url) as http:
+            assert http.put("/api/log-level", json={"level": "DEBUG"}).status_code == 401
+            refused = http.put("/api/log-level", json={"level": "DEBUG"}, headers=bob)
+            assert (refused.status_code, refused.json()) == (
+                403, {"error": "changing the log level needs an admin user ([http] admin_users)"})
+            bad = http.put("/api/log-level", json={"level": "LOUD"}, headers=alice)
+            assert bad.status_code == 400 and "unknown log level 'LOUD'" in bad.json()["error"]
+            done = http.put("/api/log-level", json={"level": "debug"}, headers=alice)
+            assert (done.status_code, done.json()) == (200, {"level": "DEBUG"})
+            assert logging.getLogger().level == logging.DEBUG
+            assert http.get("/api/log-level", headers=bob).json() == {"level": "DEBUG"}
+    finally:
+        logging.getLogger().setLevel(before)
