@@ -117,14 +117,13 @@ def class_table(path: Path, classes: Path | str | None = None, task: str = "tota
     if (path.parent / "classes.json").is_file():
         return read_class_table(path.parent / "classes.json")
     names = totalsegmentator_class_map(task)
-    if names and ids:
+    if names and ids:  # an assumption: the same ids mean other structures in other tasks (MR, CT)
         missing = sorted(ids - set(names))
-        if missing:
-            fits = [t for t in _fitting_tasks(ids) if t != task][:3]
-            hint = f"; the ids fit --task {' / '.join(fits)}" if fits else ""
-            log.warning("%s has no class table: names assumed from TotalSegmentator's %r map, which has no "
-                        "label id(s) %s (named label_<id>)%s; give --classes or --task", path.name, task,
-                        _ids_text(missing), hint)
+        fits = [t for t in _fitting_tasks(ids) if t != task][:3] if missing else []
+        lacking = (f", which has no label id(s) {_ids_text(missing)} (named label_<id>)"
+                   + (f"; the ids fit --task {' / '.join(fits)}" if fits else "")) if missing else ""
+        log.warning("%s has no class table: names assumed from TotalSegmentator's %r map%s; give --classes "
+                    "or --task if it is another task's", path.name, task, lacking)
     return {i: make_class(i, n) for i, n in (names or {}).items()}
 
 

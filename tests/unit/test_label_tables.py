@@ -62,7 +62,9 @@ def test_ids_the_assumed_map_lacks_are_warned_on_log_and_console(tmp_path: Path,
     ok = label_file(tmp_path / "ok.nii.gz", [5, 52])
     caplog.clear()
     load_labels(ok, None, "total")
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        "ok.nii.gz has no class table: names assumed from TotalSegmentator's 'total' map; give --classes or "
+        "--task if it is another task's"]
     done = CliRunner().invoke(app, ["mesh", str(path), str(tmp_path / "meshes"), "--mesh-smooth-iters", "0",
                                     "--workers", "1"])
     assert done.exit_code == 0, done.output
