@@ -58,7 +58,7 @@ def test_serve_as_the_unit_starts_it_drains_on_sigterm(tmp_path: Path) -> None:
     assert (env["HOME"], cwd) == (str(node.data_dir), node.data_dir)
     node.data_dir.mkdir()  # what the installer (or StateDirectory=) does for real
     env["PYTHONPATH"] = str(REPO)
-    series = phantom(tmp_path, (160, 160, 96), seed=3)  # a job of about a second: SIGTERM comes in it
+    series = phantom(tmp_path, (128, 128, 64), seed=3)  # a job of a second or more: SIGTERM comes in it
     try:
         node.start(command, env=env, cwd=cwd)
         storescu([series], "127.0.0.1", node.dicom_port, "SEGNODE", calling_aet="CT_SCANNER")
