@@ -107,6 +107,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_every_command_keeps_patient_data_out_of_its_output(data: dict[str, Path]) -> None:
     root, dicom, c = data["root"], data["dicom"], ["--config", str(data["config"])]
     outputs: dict[str, tuple[int, str]] = {}
+    port = free_port()
+    listener = segnode(*c, "listen", "--port", str(port))  # started first: it overlaps the others
     first = {
         "run": segnode(*c, "run", str(dicom), str(root / "run"), "--engine", "threshold", "--output", "seg"),
         "volume-info": segnode(*c, "volume-info", str(dicom)),
@@ -114,6 +116,16 @@ def test_every_command_keeps_patient_data_out_of_its_output(data: dict[str, Path
         "rules test": segnode(*c, "rules", "test", str(dicom)),
         "xnat to-seg": segnode(*c, "xnat", "to-seg", str(data["xnat"]), str(root / "xnat-out")),
     }
+    # The listener: a series sent to it is reported ready; its own output and log stay clean.
+    try:
+        assert "listening as" in line_within(listener.stderr, 120)
+        sent = finish(segnode(*c, "send", str(dicom), "--to", f"127.0.0.1:{port}"))
+        outputs["send"] = sent
+        ready = json.loads(line_within(listener.stdout, 60))
+    finally:
+        listener.send_signal(signal.SIGTERM)
+    outputs["listen"] = finish(listener, 30)
+    outputs["listen"] = (outputs["listen"][0], json.dumps(ready) + outputs["listen"][1])
     outputs.update({name: finish(p) for name, p in first.items()})
     assert outputs["run"][0] == 0, outputs["run"][1]
     seg, labels = root / "run" / "seg.dcm", root / "run" / "labels.nii.gz"
@@ -127,18 +139,6 @@ def test_every_command_keeps_patient_data_out_of_its_output(data: dict[str, Path
                            env={"SEGNODE_NODE__LOG_PHI": "true", "SEGNODE_NODE__LOG_FILE": str(root / "control.log")}),
     }
     outputs.update({name: finish(p) for name, p in second.items()})
-    # The listener: a series sent to it is reported ready; its own output and log stay clean.
-    port = free_port()
-    listener = segnode(*c, "listen", "--port", str(port))
-    try:
-        assert "listening as" in line_within(listener.stderr, 60)
-        sent = finish(segnode(*c, "send", str(dicom), "--to", f"127.0.0.1:{port}"))
-        outputs["send"] = sent
-        ready = json.loads(line_within(listener.stdout, 60))
-    finally:
-        listener.send_signal(signal.SIGTERM)
-    outputs["listen"] = finish(listener, 30)
-    outputs["listen"] = (outputs["listen"][0], json.dumps(ready) + outputs["listen"][1])
     assert ready["ready"]["instance_count"] == 40
     assert sent[0] == 0 and "0x0000 success  40" in sent[1], sent[1]
     for name, (code, text) in outputs.items():
