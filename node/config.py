@@ -512,20 +512,26 @@ def load_settings(path: Path | None = None, *, environment: bool = True) -> Sett
     return settings
 
 
-def config_warnings(settings: Settings) -> list[str]:
-    """What ``config check`` warns about without refusing: a data folder that depends on the working
-    directory, a DICOM listener open to anyone."""
+def _loopback(host: str) -> bool:
     import ipaddress
 
-    dicom, warnings = settings.dicom, []
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def config_warnings(settings: Settings) -> list[str]:
+    """What ``config check`` warns about without refusing: a data folder that depends on the working
+    directory, a DICOM listener open to anyone, an API that ``serve`` would refuse to open."""
+    dicom, http, warnings = settings.dicom, settings.http, []
     if "data_dir" not in settings.node.model_fields_set:
         warnings.append(f"[node] data_dir is not set: the built-in default, ./var in the working directory "
                         f"({settings.node.data_dir}); set it in the config file")
-    try:
-        loopback = ipaddress.ip_address(dicom.host).is_loopback
-    except ValueError:
-        loopback = dicom.host == "localhost"
-    if not loopback and not dicom.allowed_calling_aets and not dicom.allowed_sources:
+    if not _loopback(http.host) and not http.tokens:
+        warnings.append(f"[http] the API on {http.host}:{http.port} has no tokens: serve refuses to start so; "
+                        "set tokens (SEGNODE_HTTP__TOKENS) or host = \"127.0.0.1\"")
+    if not _loopback(dicom.host) and not dicom.allowed_calling_aets and not dicom.allowed_sources:
         warnings.append(
             f"[dicom] the listener on {dicom.host}:{dicom.port} accepts any calling AE title from any address: "
             "set allowed_calling_aets and/or allowed_sources (or host = \"127.0.0.1\")")

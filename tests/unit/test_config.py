@@ -225,6 +225,10 @@ def test_config_check_warns_about_a_listener_open_to_anyone(tmp_path: Path) -> N
         assert config.config_warnings(load_settings(path)) == []
     path.write_text('[node]\ndata_dir = "d"\n[dicom]\nhost = "127.0.0.1"\n')
     assert config.config_warnings(load_settings(path)) == []
+    path.write_text('[node]\ndata_dir = "d"\n[dicom]\nhost = "::1"\n[http]\nhost = "0.0.0.0"\nport = 8080\n')
+    assert config.config_warnings(load_settings(path)) == [
+        "[http] the API on 0.0.0.0:8080 has no tokens: serve refuses to start so; set tokens "
+        "(SEGNODE_HTTP__TOKENS) or host = \"127.0.0.1\""]
 
 
 def test_every_segnode_variable_the_project_uses_is_known() -> None:
