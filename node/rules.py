@@ -38,7 +38,7 @@ from node.ingest import Sender
 OWN_MANUFACTURER = "segnode"
 
 #: Modalities that are never images to segment.
-NEVER_MODALITIES = {"SEG", "SR", "RTSTRUCT", "PR", "KO", "RTPLAN", "RTDOSE", "RTRECORD", "DOC", "REG"}
+NEVER_MODALITIES = {"SEG", "SR", "RTSTRUCT", "PR", "KO", "RTPLAN", "RTDOSE", "RTRECORD", "DOC", "REG", "M3D"}
 #: SOP class UID prefixes that are never images to segment (SEG, label map SEG, SR family incl.
 #: KO, RT objects, presentation states, encapsulated documents, registrations).
 NEVER_SOP_PREFIXES = (
@@ -46,7 +46,7 @@ NEVER_SOP_PREFIXES = (
     "1.2.840.10008.5.1.4.1.1.88.",  # structured reports, key object selection
     "1.2.840.10008.5.1.4.1.1.481.",  # RT structure set, plan, dose, ...
     "1.2.840.10008.5.1.4.1.1.11.",  # presentation states
-    "1.2.840.10008.5.1.4.1.1.104.",  # encapsulated PDF/CDA
+    "1.2.840.10008.5.1.4.1.1.104.",  # encapsulated PDF/CDA/STL/OBJ/MTL
 )
 
 Orientation = Literal["axial", "coronal", "sagittal", "oblique"]

@@ -45,7 +45,7 @@ quiet_seconds = 30
 TOML
 OUTPUTS="[]"
 if ((ORTHANC)); then
-  OUTPUTS='["seg"]'
+  OUTPUTS='["seg", "rtstruct", "sr", "review"]'
   cat >> "$OUT/node.toml" <<TOML
 [outbox]
 initial_delay_s = 1
@@ -139,7 +139,7 @@ print(f"results: {job['results']}")
 PY
 
 if ((ORTHANC)); then
-  echo "== 4b. the DICOM-SEG, back in Orthanc"
+  echo "== 4b. the DICOM-SEG, RTSTRUCT, measurements SR and review sheet, back in Orthanc"
   $PY - "$HTTP_PORT" "$ORTHANC_HTTP" "$ORTHANC_USER" "$ORTHANC_PASSWORD" <<'PY'
 import base64, json, sys, time, urllib.request
 port, orthanc, user, password = sys.argv[1:5]
@@ -150,7 +150,8 @@ deadline = time.monotonic() + 120
 while time.monotonic() < deadline:
     job = get(f"http://127.0.0.1:{port}/api/jobs/{get(f'http://127.0.0.1:{port}/api/jobs')[0]['id']}")
     state = job["destinations"].get("orthanc", {})
-    if state.get("state") in ("delivered", "failed", "skipped"):
+    if state.get("state") in ("failed", "skipped") or (  # every output queued (job done) and delivered
+            job["state"] == "done" and state.get("state") == "delivered" and state.get("instances", 0) >= 4):
         break
     time.sleep(0.3)
 print(f"delivery to Orthanc: {json.dumps(state)}")
@@ -170,12 +171,23 @@ print(f"SEG instance {seg_stage.get('sop_instance_uid', '?')}: {seg_stage.get('t
       f"{seg_stage.get('segments', '?')} segments, {seg_stage.get('frames', '?')} frames, "
       f"{seg_stage.get('bytes', 0) / 1e6:.1f} MB")
 print("segments: " + ", ".join(s.get("name", "?") for s in report.get("structures", [])))
+kinds = {"SEG": "DICOM-SEG", "RTSTRUCT": "RT Structure Set", "SR": "measurements SR (TID 1500)",
+         "DOC": "review sheet (Encapsulated PDF)"}
+for s in get(f"{base}/studies/{seg['ParentStudy']}/series", auth):
+    modality = s["MainDicomTags"].get("Modality")
+    if modality in kinds:
+        print(f"  in the study: {kinds[modality]:<32} series {s['MainDicomTags'].get('SeriesNumber', '?'):>5}, "
+              f"{len(s['Instances'])} instance(s): {s['MainDicomTags'].get('SeriesDescription', '')}")
+rt = (report.get("qc") or {}).get("rtstruct", {})
+print(f"RTSTRUCT: {rt.get('rois', '?')} ROIs, contours within {rt.get('tolerance_px', '?')} pixel, "
+      f"{rt.get('bytes', 0) / 1e3:.0f} kB; review sheet: {job['results']}/review.png")
 print(f"plugin: handed over after Orthanc's stable age; node fetched {handed.get('node', {}).get('instances', '?')} "
       f"instances by WADO-RS in {handed.get('node', {}).get('seconds', '?')} s")
 print("job timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in job["timings"].items()))
 delivered = state.get("delivered_at") or 0
 print(f"delivered {delivered - job['finished']:.2f} s after the job finished")
-print(f"results: {job['results']} (seg.dcm, labels.nii.gz, report.json)")
+print(f"results: {job['results']} (seg.dcm, rtstruct.dcm, sr.dcm, review.dcm/.png/.pdf, labels.nii.gz, "
+      "report.json)")
 print(f"look at it: Orthanc Explorer {base}/app/explorer.html#series?uuid={seg['ID']} (user {user}, password "
       f"{password}, while the demo runs: DEMO_HOLD=1 keeps it up);")
 print("  OHIF: docker compose -f docker/compose.yaml up, then http://localhost:3000 (OHIF on Orthanc's DICOMweb)")

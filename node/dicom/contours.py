@@ -2,8 +2,12 @@
 
 The convention (what RTSTRUCT's CLOSED_PLANAR contours mean here and in planning systems):
 
-* **Where a contour runs**: on the 0.5 iso-line of the slice's mask (marching squares,
-  :func:`skimage.measure.find_contours`), i.e. half-way between an inside and an outside pixel centre.
+* **Where a contour runs**: on the 0.5 iso-line of the slice's mask (marching squares), i.e. half-way
+  between an inside and an outside pixel centre. The tracer is numpy throughout, every slice of a
+  structure at once: each crossed cell gives oriented segments, "the next point" is a permutation of
+  the crossing points, and its cycles (found by pointer doubling) are the contours.
+  (:func:`skimage.measure.find_contours` gives the same lines, but chains them in Python: 3-10x slower
+  on ragged masks.)
   A pixel belongs to the structure when its centre is inside the contour — the rule planning systems
   rasterise with — so the traced contour gives back the mask exactly and encloses its area (a contour
   through the boundary pixels' centres, OpenCV's and so rt-utils', loses half a pixel all round: 17 %
@@ -34,107 +38,235 @@ import numpy as np
 TOLERANCE_PX = 0.4
 
 
+# Marching squares on a binary mask: a cell is the 2x2 pixels with corners a (top left), b (top right),
+# d (bottom left), e (bottom right); case = a + 2b + 4d + 8e. The iso-line crosses a cell edge at its
+# midpoint when the edge's two pixels differ: T (top, a-b), B (bottom, d-e), L (left, a-d), R (right,
+# b-e). Each segment is oriented with the inside on one side (its cross product with an inside corner
+# negative), so every crossing point has one segment out and one in: "next point" is a permutation,
+# and its cycles are the contours. Saddles (a = e != b = d) keep diagonal inside pixels together.
+_EDGE_XY = {"T": (0.5, 0.0), "B": (0.5, 1.0), "L": (0.0, 0.5), "R": (1.0, 0.5)}  # (x, y) in the cell
+_CORNER_XY = {"a": (0.0, 0.0), "b": (1.0, 0.0), "d": (0.0, 1.0), "e": (1.0, 1.0)}
+_CUT = {"a": ("T", "L"), "b": ("T", "R"), "d": ("L", "B"), "e": ("B", "R")}  # the edges around a corner
+
+
+def _segment_table() -> dict[int, list[tuple[str, str]]]:
+    """Per case, the cell's oriented segments (from edge, to edge): inside on the negative side."""
+    table: dict[int, list[tuple[str, str]]] = {}
+    for case in range(1, 15):
+        inside = {c: bool(case >> n & 1) for n, c in enumerate("abde")}
+        if inside["a"] == inside["e"] != inside["b"] == inside["d"]:  # saddle: cut off the outside corners
+            pairs = [(_CUT[c], c) for c in "abde" if not inside[c]]
+        else:  # exactly two edges cross; corner a is never on their segment's line
+            pairs = [(tuple(e for e, (p, q) in (("T", "ab"), ("B", "de"), ("L", "ad"), ("R", "be"))
+                            if inside[p] != inside[q]), "a")]
+        segments = []
+        for (e1, e2), corner in pairs:  # the corner's side tells which way the segment runs
+            (x1, y1), (x2, y2), (cx, cy) = _EDGE_XY[e1], _EDGE_XY[e2], _CORNER_XY[corner]
+            cross = (x2 - x1) * (cy - y1) - (y2 - y1) * (cx - x1)
+            segments.append((e1, e2) if (cross < 0) == inside[corner] else (e2, e1))
+        table[case] = segments
+    return table
+
+
+_TABLE = _segment_table()
+
+
+def _rings(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every contour of a 3-D boolean mask ``[k, row, column]``, slice by slice, all at once.
+
+    Returns ``points`` (n, 2) of (column, row), ring after ring, each ring's points in order (first not
+    repeated); ``starts`` and ``lengths`` of the rings in ``points``; ``ks``, each ring's slice."""
+    m = np.pad(np.asarray(mask, bool), ((0, 0), (1, 1), (1, 1)))
+    K, P, Q = m.shape
+    a, b, d, e = m[:, :-1, :-1], m[:, :-1, 1:], m[:, 1:, :-1], m[:, 1:, 1:]
+    case = (a.astype(np.uint8) | (b.astype(np.uint8) << 1) | (d.astype(np.uint8) << 2)
+            | (e.astype(np.uint8) << 3))
+    empty = np.zeros(0, np.int64)
+    froms, tos = [empty], [empty]
+    flat_case = case.ravel()
+    cells = np.flatnonzero((flat_case != 0) & (flat_case != 15))  # the cells the contours cross
+    values = flat_case[cells]
+    order = np.argsort(values, kind="stable")
+    cells, values = cells[order], values[order]
+    bounds = np.searchsorted(values, np.arange(1, 16))
+    k, rest = np.divmod(cells, (P - 1) * (Q - 1))
+    r, c = np.divmod(rest, Q - 1)
+    base_all = (k * P + r) * Q + c
+    for value, segments in _TABLE.items():
+        base = base_all[bounds[value - 1] : bounds[value]]
+        if not len(base):
+            continue
+        ids = {"T": 2 * base, "B": 2 * (base + Q), "L": 2 * base + 1, "R": 2 * (base + 1) + 1}
+        for e1, e2 in segments:
+            froms.append(ids[e1])
+            tos.append(ids[e2])
+    start, end = np.concatenate(froms), np.concatenate(tos)
+    n = len(start)
+    if not n:
+        z = np.zeros(0, np.int64)
+        return np.zeros((0, 2)), z, z, z
+    order = np.argsort(start)
+    start, end = start[order], end[order]
+    nxt = np.searchsorted(start, end)  # index of the segment leaving where this one arrives
+    # Each cycle's smallest index (its head), by pointer doubling: log2(longest ring) passes.
+    head, jump = np.arange(n), nxt.copy()
+    while True:
+        smaller = np.minimum(head, head[jump])
+        if np.array_equal(smaller, head) and np.array_equal(head, head[nxt]):
+            break
+        head, jump = smaller, jump[jump]
+    # Distance of each point from its ring's end (the point before the head), by list ranking.
+    prev = np.empty(n, np.int64)
+    prev[nxt] = np.arange(n)
+    tail = prev[head]
+    link = nxt.copy()
+    is_tail = np.zeros(n, bool)
+    is_tail[tail] = True
+    link[is_tail] = np.nonzero(is_tail)[0]
+    rank = (~is_tail).astype(np.int64)
+    while True:
+        moved = link[link]
+        if np.array_equal(moved, link):
+            break
+        rank = rank + rank[link]
+        link = moved
+    order = np.lexsort((-rank, head))  # ring by ring, each from its head along ``nxt``
+    ids = start[order]
+    heads, starts, lengths = np.unique(head[order], return_index=True, return_counts=True)
+    vertical = ids % 2
+    cell = ids // 2
+    k, rest = np.divmod(cell, P * Q)
+    r, c = np.divmod(rest, Q)
+    points = np.column_stack([c + 0.5 * (1 - vertical) - 1.0, r + 0.5 * vertical - 1.0])
+    return points, starts, lengths, k[starts]
+
+
 def trace_slice(mask: np.ndarray) -> list[np.ndarray]:
     """The closed 0.5 iso-lines of a 2-D boolean mask as (n, 2) arrays of (column, row), first point
     not repeated at the end. Diagonal neighbours inside the mask are connected (8-connectivity)."""
-    from skimage.measure import find_contours
-
-    padded = np.pad(mask, 1).astype(np.float32)
-    out = []
-    for c in find_contours(padded, 0.5, fully_connected="high"):
-        if len(c) < 4:
-            continue
-        out.append(np.ascontiguousarray(c[:-1, ::-1] - 1.0))  # (row, col) -> (col, row), padding off
-    return out
+    points, starts, lengths, _ = _rings(np.asarray(mask, bool)[None])
+    return [points[s : s + n] for s, n in zip(starts, lengths)]
 
 
-def _drop_collinear(points: np.ndarray) -> np.ndarray:
-    """A closed polygon without the vertices where it goes straight on (marching squares puts one on
-    every pixel edge): most of a contour's points, removed before the costlier simplification."""
-    d = np.diff(points, axis=0, append=points[:1])
-    prev = np.roll(d, 1, axis=0)
-    turn = np.abs(prev[:, 0] * d[:, 1] - prev[:, 1] * d[:, 0]) > 1e-9
-    return points[turn] if turn.sum() >= 3 else points
+def _segment_ranges(seg_a: np.ndarray, inner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For segments with ``inner`` points after ``seg_a``: each inner point's segment and index."""
+    owner = np.repeat(np.arange(len(seg_a)), inner)
+    offsets = np.arange(int(inner.sum())) - np.repeat(np.cumsum(inner) - inner, inner)
+    return owner, seg_a[owner] + 1 + offsets
 
 
-def simplify(polygons: list[np.ndarray], tolerance: float = TOLERANCE_PX) -> list[np.ndarray]:
-    """Douglas-Peucker on closed polygons, all at once: each keeps the vertices that no dropped vertex
-    is farther than ``tolerance`` from. A polygon that would shrink below three vertices keeps its
-    three farthest-apart ones."""
-    rings = [_drop_collinear(p) for p in polygons]
-    if tolerance <= 0 or not rings:
-        return rings
-    # Each ring is closed by repeating its first point; all rings in one array.
-    closed = [np.vstack([r, r[:1]]) for r in rings]
-    lengths = np.array([len(c) for c in closed])
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    pts = np.vstack(closed)
-    keep = np.zeros(len(pts), bool)
-    keep[starts] = True
-    keep[starts + lengths - 1] = True
-    # First split of each ring: at the point farthest from its first point.
-    far = np.array([s + int(np.argmax(((c - c[0]) ** 2).sum(axis=1))) for s, c in zip(starts, closed)])
+def _turns(points: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Which points of the rings are corners (the ring turns there); marching squares puts a point on
+    every pixel edge, most of them on straight runs."""
+    n = len(points)
+    ring = np.repeat(np.arange(len(starts)), lengths)
+    idx = np.arange(n)
+    last = starts + lengths - 1
+    nxt = np.where(idx == last[ring], starts[ring], idx + 1)
+    prv = np.where(idx == starts[ring], last[ring], idx - 1)
+    d1, d0 = points[nxt] - points, points - points[prv]
+    return np.abs(d0[:, 0] * d1[:, 1] - d0[:, 1] * d1[:, 0]) > 1e-9
+
+
+def _simplified(points: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
+                tolerance: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Douglas-Peucker on every ring at once (see :func:`simplify`); returns the kept rings."""
+    turn = _turns(points, starts, lengths)
+    ring = np.repeat(np.arange(len(starts)), lengths)
+    few = np.bincount(ring, weights=turn, minlength=len(starts)) < 3
+    turn |= few[ring]  # a ring with fewer than three corners keeps its points
+    points, ring = points[turn], ring[turn]
+    lengths = np.bincount(ring, minlength=len(starts))
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    if tolerance <= 0 or not len(points):
+        return points, starts, lengths
+    # Close each ring by repeating its first point: ring r occupies [cs, cs + n] in ``closed``.
+    cstarts = starts + np.arange(len(starts))
+    where = np.arange(len(points)) + np.repeat(np.arange(len(starts)), lengths)
+    closed = np.empty((len(points) + len(starts), 2))
+    closed[where] = points
+    closed[cstarts + lengths] = points[starts]
+    keep = np.zeros(len(closed), bool)
+    ends = cstarts + lengths
+    keep[cstarts] = keep[ends] = True
+    # The first split of each ring: at its point farthest from its first point.
+    cring = np.repeat(np.arange(len(starts)), lengths + 1)
+    dist0 = ((closed - closed[cstarts][cring]) ** 2).sum(axis=1)
+    best0 = np.maximum.reduceat(dist0, cstarts)
+    far = np.full(len(starts), -1)
+    hit = np.nonzero(dist0 == best0[cring])[0]
+    uniq, first = np.unique(cring[hit], return_index=True)
+    far[uniq] = hit[first]
     keep[far] = True
-    seg_a = np.concatenate([starts, far])
-    seg_b = np.concatenate([far, starts + lengths - 1])
+    seg_a, seg_b = np.concatenate([cstarts, far]), np.concatenate([far, ends])
     while len(seg_a):
         inner = seg_b - seg_a - 1
         has = inner > 0
         seg_a, seg_b, inner = seg_a[has], seg_b[has], inner[has]
         if not len(seg_a):
             break
-        owner = np.repeat(np.arange(len(seg_a)), inner)
-        offsets = np.arange(inner.sum()) - np.repeat(np.cumsum(inner) - inner, inner)
-        idx = seg_a[owner] + 1 + offsets
-        a, b = pts[seg_a][owner], pts[seg_b][owner]
-        ab = b - a
-        ap = pts[idx] - a
+        owner, idx = _segment_ranges(seg_a, inner)
+        a, b = closed[seg_a][owner], closed[seg_b][owner]
+        ab, ap = b - a, closed[idx] - a
         norm = np.hypot(ab[:, 0], ab[:, 1])
         cross = np.abs(ab[:, 0] * ap[:, 1] - ab[:, 1] * ap[:, 0])
         dist = np.where(norm > 0, cross / np.where(norm > 0, norm, 1), np.hypot(ap[:, 0], ap[:, 1]))
-        bounds = np.cumsum(inner) - inner
-        best = np.maximum.reduceat(dist, bounds)
+        best = np.maximum.reduceat(dist, np.cumsum(inner) - inner)
         split = best > tolerance
         if not split.any():
             break
-        # The first index of each segment's farthest point.
-        is_best = dist == best[owner]
-        first = np.full(len(seg_a), -1)
-        cand = np.nonzero(is_best & split[owner])[0]
-        cand_owner = owner[cand]
-        uniq, where = np.unique(cand_owner, return_index=True)
-        first[uniq] = idx[cand[where]]
+        cand = np.nonzero((dist == best[owner]) & split[owner])[0]
+        uniq, first = np.unique(owner[cand], return_index=True)
+        mid = np.full(len(seg_a), -1)
+        mid[uniq] = idx[cand[first]]
         s = np.nonzero(split)[0]
-        mid = first[s]
-        keep[mid] = True
-        seg_a, seg_b = np.concatenate([seg_a[s], mid]), np.concatenate([mid, seg_b[s]])
-    out = []
-    for s, n, ring in zip(starts, lengths, rings):
-        kept = pts[s : s + n - 1][keep[s : s + n - 1]]
-        if len(kept) < 3:
-            kept = ring[np.linspace(0, len(ring) - 1, 3).astype(int)] if len(ring) >= 3 else ring
-        out.append(kept)
-    return out
+        keep[mid[s]] = True
+        seg_a, seg_b = np.concatenate([seg_a[s], mid[s]]), np.concatenate([mid[s], seg_b[s]])
+    keep[ends] = False  # the repeated first points
+    kept_ring = cring[keep]
+    new_lengths = np.bincount(kept_ring, minlength=len(starts))
+    out_points = closed[keep]
+    # A ring left with fewer than three points (a sliver) keeps its corners instead.
+    if (new_lengths < 3).any():
+        thin = np.nonzero(new_lengths < 3)[0]
+        keep_ring = np.isin(cring, thin) & ~np.isin(np.arange(len(closed)), ends)
+        keep = keep | keep_ring
+        kept_ring = cring[keep]
+        new_lengths = np.bincount(kept_ring, minlength=len(starts))
+        out_points = closed[keep]
+    new_starts = np.concatenate([[0], np.cumsum(new_lengths)[:-1]]).astype(np.int64)
+    return out_points, new_starts, new_lengths
+
+
+def simplify(polygons: list[np.ndarray], tolerance: float = TOLERANCE_PX) -> list[np.ndarray]:
+    """Douglas-Peucker on closed polygons, all at once: each keeps the vertices that no dropped vertex
+    is farther than ``tolerance`` from (first the straight runs' inner points go)."""
+    if not polygons:
+        return []
+    lengths = np.array([len(p) for p in polygons], np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    points, starts, lengths = _simplified(np.vstack(polygons).astype(np.float64), starts, lengths, tolerance)
+    return [points[s : s + n] for s, n in zip(starts, lengths)]
 
 
 def trace(mask: np.ndarray, tolerance: float = TOLERANCE_PX) -> dict[int, list[np.ndarray]]:
     """Contours of a 3-D mask ``[k, j, i]``, per slice ``k`` that has any: polygons of (column, row)
     pixel coordinates, simplified within ``tolerance`` pixels. Work is limited to the mask's box."""
+    mask = np.asarray(mask, bool)
     ks = np.nonzero(mask.any(axis=(1, 2)))[0]
     if not len(ks):
         return {}
     rows = np.nonzero(mask.any(axis=(0, 2)))[0]
     cols = np.nonzero(mask.any(axis=(0, 1)))[0]
-    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    offset = np.array([c0, r0], np.float64)
-    traced: list[tuple[int, np.ndarray]] = []
-    for k in ks:
-        for poly in trace_slice(mask[k, r0:r1, c0:c1]):
-            traced.append((int(k), poly + offset))
-    simplified = simplify([p for _, p in traced], tolerance)
+    k0, r0, c0 = ks[0], rows[0], cols[0]
+    box = mask[k0 : ks[-1] + 1, r0 : rows[-1] + 1, c0 : cols[-1] + 1]
+    points, starts, lengths, kk = _rings(box)
+    ring_k = kk + k0
+    points, starts, lengths = _simplified(points, starts, lengths, tolerance)
+    points = points + np.array([c0, r0], np.float64)
     out: dict[int, list[np.ndarray]] = {}
-    for (k, _), poly in zip(traced, simplified):
-        out.setdefault(k, []).append(poly)
+    for s, n, k in zip(starts.tolist(), lengths.tolist(), ring_k.tolist()):
+        out.setdefault(k, []).append(points[s : s + n])
     return out
 
 

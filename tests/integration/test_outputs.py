@@ -101,7 +101,7 @@ def test_rtstruct_reads_back_as_the_labels(run: PipelineResult) -> None:
                 assert d >= 0.98, (reader, c.name, d)
             if c.name == smallest:
                 assert d >= 0.9, (reader, c.name, d)
-        assert dice(ours[c.name], truth) >= 0.999, c.name  # the even-odd pixel-centre rule: (nearly) exact
+        assert dice(ours[c.name], truth) >= 0.995, c.name  # the even-odd pixel-centre rule: nearly exact
 
 
 def test_rtstruct_contours_lie_on_their_slices_and_carry_the_seg_s_names_and_colours(run: PipelineResult) -> None:
