@@ -10,12 +10,14 @@ patient data.
 * **No patient data** unless ``[node] log_phi = true``: Python warnings are routed through logging
   (:func:`logging.captureWarnings`; highdicom warns with the patient's name in the text), and every
   record, ours or a library's (highdicom, pydicom, pynetdicom, uvicorn, huey), is scrubbed where it
-  is made (a log record factory), so that no handler sees it unscrubbed. The scrub removes the values of the series the node handles (registered
-  with :func:`patient_data` from their headers: name and its ``^`` parts, IDs, birth date in the usual
-  spellings, case-insensitive) and, for data it was never told, the known shapes: highdicom's "The
-  string … is unlikely to represent" warning, DICOM person names (``Family^Given``), pydicom's element
-  listings of group 0010 and ``PatientName=…``-style pairs. The CLI's own stdout and stderr pass the
-  same scrub (:func:`scrub_console`).
+  is made (a log record factory), so that no handler sees it unscrubbed. The scrub removes the values
+  of the series the node handles (registered from their headers by :func:`register_path` and
+  :func:`register_dataset` wherever a series is read: CLI commands, jobs, the outbox, the editor; name
+  and its ``^`` parts, IDs, birth date in the usual spellings, case-insensitive; the most recent ones
+  stay known) and, for data it was never told, the known shapes: highdicom's "The string … is unlikely
+  to represent" warning, DICOM person names (``Family^Given``), pydicom's element listings of group
+  0010 and ``PatientName=…``-style pairs. The CLI's own stdout and stderr pass the same scrub
+  (:func:`scrub_console`).
 * **Level without a restart:** :func:`reload` (``segnode serve`` calls it on SIGHUP) reads the config
   again; :func:`set_level` backs ``PUT /api/log-level``.
 """
@@ -64,7 +66,8 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"(\(0010,\s?[0-9A-Fa-f]{4}\)[^\n:]*:)[^\n]*"), rf"\1 {REDACTED}"),
     # keyword = value / keyword: value pairs of the Patient module
     (re.compile(r"(\b(?:" + "|".join(PHI_KEYWORDS) + r"|Patient's (?:Name|Birth Date)|Patient ID)"
-                r"['\"]?\s*(?:=|:|PN:|LO:|DA:)\s*)(?!\[redacted\])(?:'[^'\n]*'|\"[^\"\n]*\"|[^\s,;)}\]]+)"), rf"\1{REDACTED}"),
+                r"['\"]?\s*(?:=|:|PN:|LO:|DA:)\s*)(?!\[redacted\])"
+                r"(?:'[^'\n]*'|\"[^\"\n]*\"|[^\s,;)}\]]+)"), rf"\1{REDACTED}"),
     # DICOM person names: Family^Given^Middle^Prefix^Suffix (PS3.5 6.2.1.2)
     (re.compile(rf"(?<!{_NAME_CHARS})[^\W\d_][\w'.\-]*\^[\w'.\-^=]*"), REDACTED),
 )
@@ -87,7 +90,8 @@ def phi_strings(values: Iterable[Any]) -> set[str]:
     for value in values:
         if value is None:
             continue
-        items = list(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
+        many = isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue"
+        items = list(value) if many else [value]
         for item in items:
             text = str(item).strip()
             if not text:
@@ -156,8 +160,8 @@ class PhiScrubber:
     def _compiled(self) -> re.Pattern[str] | None:
         with self._lock:
             if self._regex is None and self._values:
-                self._regex = re.compile(rf"(?<!{_NAME_CHARS})(?:{_trie_pattern(self._values)})(?!{_NAME_CHARS})",
-                                         re.IGNORECASE)
+                pattern = _trie_pattern(self._values)
+                self._regex = re.compile(rf"(?<!{_NAME_CHARS})(?:{pattern})(?!{_NAME_CHARS})", re.IGNORECASE)
             return self._regex
 
     def scrub(self, text: str) -> str:
@@ -198,6 +202,9 @@ def register_dataset(ds: Any) -> None:
         SCRUBBER.register(_dataset_values(ds))
     except Exception:  # a malformed element: the patterns still apply
         pass
+
+
+_NOT_DICOM = (".nii", ".gz", ".json", ".csv", ".txt", ".xml")
 
 
 def _headers(path: Path, max_folders: int) -> Iterator[Any]:
@@ -244,7 +251,7 @@ def _headers(path: Path, max_folders: int) -> Iterator[Any]:
     for count, (folder, _dirs, files) in enumerate(os.walk(path)):
         if count >= max_folders:
             return
-        candidates = [f for f in sorted(files) if not f.endswith((".nii", ".gz", ".json", ".csv", ".txt", ".xml"))]
+        candidates = [f for f in sorted(files) if not f.endswith(_NOT_DICOM)]
         ds = first_of(lambda f=f: open(os.path.join(folder, f), "rb") for f in candidates)
         if ds is not None:
             yield ds
@@ -346,7 +353,8 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
@@ -442,7 +450,8 @@ def setup(settings: Any = None, *, reload_settings: Callable[[], Any] | None = N
                                                        encoding="utf-8")
     else:
         handler = logging.StreamHandler(_CurrentStderr())  # type: ignore[arg-type]
-    handler.setFormatter(JsonFormatter() if getattr(node, "log_format", "text") == "json" else TextFormatter())
+    json_lines = getattr(node, "log_format", "text") == "json"
+    handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
     root.addHandler(handler)
     _State.handlers = [handler]
     root.setLevel(level)

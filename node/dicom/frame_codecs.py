@@ -73,7 +73,8 @@ def _values(data: bytes, rows: int, cols: int, bits: int) -> np.ndarray:
     if dtype is None:
         raise ValueError(f"Bits Allocated {bits} is not supported")
     if len(data) < rows * cols * dtype.itemsize:
-        raise ValueError(f"a decoded frame of {len(data)} bytes is shorter than {rows}x{cols}x{dtype.itemsize}")
+        raise ValueError(f"a decoded frame of {len(data)} bytes is shorter than "
+                         f"{rows}x{cols}x{dtype.itemsize}")
     return np.frombuffer(data, dtype, count=rows * cols).reshape(rows, cols)
 
 

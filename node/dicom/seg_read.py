@@ -571,7 +571,8 @@ def frame_pixels(ds: Dataset, rows: int, cols: int, count: int) -> Callable[[int
                 fragments = list(generate_frames(ds.PixelData, number_of_frames=count))
                 decoded = [decoder(fragment, rows, cols, bits) for fragment in fragments]
             except Exception as exc:  # a truncated or malformed stream
-                raise SegError("pixel_data", f"the SEG's {name} pixel data cannot be decoded: {exc}") from None
+                raise SegError("pixel_data",
+                               f"the SEG's {name} pixel data cannot be decoded: {exc}") from None
             if len(decoded) < count:
                 raise SegError("pixel_data", f"the SEG's {name} pixel data holds {len(decoded)} frames, "
                                              f"{count} expected")

@@ -206,8 +206,9 @@ class StowSender:
             return {}, items
         done, pending = wait(list(waiting.values()), timeout=self.timeout)
         if pending:
-            raise DeliveryError(f"an earlier STOW-RS request with these instances has had no answer for over "
-                                f"{self.timeout:g} s; they are not sent or looked up again until it is settled")
+            raise DeliveryError(f"an earlier STOW-RS request with these instances has had no answer for "
+                                f"over {self.timeout:g} s; they are not sent or looked up again until it "
+                                "is settled")
         outcomes: dict[str, Failure | None] = {}
         with self._open_lock:
             for future in done:
