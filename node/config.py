@@ -135,6 +135,9 @@ class HttpSection(_Section):
     #: use ``https://`` and verify it (``[worker] ca_bundle`` for a self-signed or private CA).
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    #: Where readers review results: the root of ``segnode viewer`` (OHIF). The dashboard links each job
+    #: to ``<viewer_url>/viewer?StudyInstanceUIDs=<study>``; empty = no link.
+    viewer_url: str = "http://127.0.0.1:3000"
 
 
 class VolumeSection(_Section):

@@ -34,6 +34,7 @@ class SeriesInfo:
     #: Words that appear nowhere else: the log scrub removes each part of a patient name it has seen.
     patient_name: str = "Phantompatient^Nobody"
     patient_id: str = "SEGNODE-PHANTOM"
+    accession_number: str = ""
     study_description: str = "segnode phantom"
     series_description: str = "Phantom CT portal venous"
     series_number: int = 1
@@ -82,7 +83,7 @@ def series_datasets(volume: Volume, info: SeriesInfo = SeriesInfo()) -> list[Dat
         ds.SOPInstanceUID = sop_uid
         ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
         ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
-        ds.AccessionNumber = ""
+        ds.AccessionNumber = info.accession_number
         ds.Modality = info.modality
         ds.Manufacturer = "segnode"
         ds.ManufacturerModelName = "phantom"

@@ -14,6 +14,12 @@
 
 The pages and static files carry no data, so :class:`PublicPages` serves them before the token check
 (a browser cannot send a bearer token with a page load); everything under ``/api`` still needs one.
+
+For the people who read the results, each job row of ``/api/dashboard`` carries ``viewer`` (its study in
+``segnode viewer``, ``[http] viewer_url``), ``review`` (the review sheet in its results, if written) and,
+for a signed-in user only, ``patient``: name, ID, accession number, study date and the series
+description, read from the series' own header (:class:`PatientContext`). Patient data goes into no log
+line and to no one who is not signed in: with no ``[http] tokens`` nobody is, and it is left out.
 The pages sign in with a token typed into a login field, kept in ``sessionStorage`` and sent as
 ``Authorization: Bearer``. They poll ``/api/dashboard`` (every 2 s while visible): no server-sent
 events, because ``EventSource`` cannot send that header.
@@ -23,7 +29,9 @@ from __future__ import annotations
 
 import logging
 import mimetypes
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,6 +60,8 @@ ARTIFACT_SUFFIXES = {
     ".stl": "mesh", ".obj": "mesh", ".ply": "mesh", ".blend": "Blender scene", ".png": "image",
     ".nii.gz": "NIfTI", ".dcm": "DICOM", ".json": "JSON", ".csv": "CSV", ".zip": "archive",
 }
+#: Review sheets a job's results may hold (the ``review`` output), the first one present is linked.
+REVIEW_FILES = ("review.png", "review/review.png")
 #: Content-Security-Policy of the pages: their own scripts only, no inline code, no other origins.
 CSP = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
        "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
@@ -121,6 +131,57 @@ def list_artifacts(results: Path) -> list[dict[str, Any]]:
             for p in files]
 
 
+class PatientContext:
+    """Who and what a job's series is, for the signed-in reader: the patient and study attributes of one
+    of its instances (the spool's copy, else the job's ``seg.dcm``, which copies them), read once per
+    job (pixels and everything else left unread). Nothing here is logged."""
+
+    #: Attributes read (keyword -> key in the answer).
+    FIELDS = {"PatientName": "name", "PatientID": "id", "AccessionNumber": "accession",
+              "StudyDate": "study_date", "SeriesDescription": "series_description"}
+    CACHE = 2000
+
+    def __init__(self) -> None:
+        self._cache: OrderedDict[str, dict[str, str] | None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def of(self, job: Job) -> dict[str, str] | None:
+        with self._lock:
+            if job.id in self._cache:
+                self._cache.move_to_end(job.id)
+                return self._cache[job.id]
+        context = self._read(job)
+        with self._lock:
+            if context is not None or job.state in ("done", "failed"):  # else: files may still arrive
+                self._cache[job.id] = context
+                while len(self._cache) > self.CACHE:
+                    self._cache.popitem(last=False)
+        return context
+
+    def _read(self, job: Job) -> dict[str, str] | None:
+        import pydicom
+
+        candidates = []
+        folder = Path(job.folder) if job.folder else None
+        if folder is not None and folder.is_dir():
+            candidates = [next((p for p in sorted(folder.glob("*.dcm")) if not p.name.startswith(".")), None)]
+        if job.results:
+            candidates.append(Path(job.results) / "seg.dcm")
+        for path in candidates:
+            if path is None or not path.is_file():
+                continue
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(self.FIELDS))
+            except Exception:  # a file being replaced, or not DICOM: try the next (its name is no PHI)
+                log.debug("dashboard: no patient context in %s", path.name, exc_info=True)
+                continue
+            context = {key: str(ds.get(keyword) or "") for keyword, key in self.FIELDS.items()}
+            if path.name == "seg.dcm":  # the SEG's description is its own, not the series'
+                context["series_description"] = ""
+            return context
+        return None
+
+
 class Dashboard:
     """The dashboard's API routes; ``outbox()`` gives the node's outbox or None."""
 
@@ -129,6 +190,7 @@ class Dashboard:
         self.settings, self.store = settings, store
         self.outbox = outbox or (lambda: None)
         self.workers = workers
+        self.patients = PatientContext()
 
     def routes(self) -> list[Route]:
         return [
@@ -142,7 +204,7 @@ class Dashboard:
         return JSONResponse({"user": request.scope.get("state", {}).get("user"),
                              "auth": bool(self.settings.http.tokens)})
 
-    def _job_row(self, job: Job) -> dict[str, Any]:
+    def _job_row(self, job: Job, user: str | None) -> dict[str, Any]:
         row = job.public()
         history = row.pop("history", [])
         row["last_event"] = history[-1] if history else None
@@ -150,6 +212,13 @@ class Dashboard:
         if job.state == "queued" and self.workers is not None:
             row["waiting"] = self.workers.waiting_for(queue_kind(job_device(job.pipeline)),
                                                       self.settings.queue.stale_after_s)
+        viewer = self.settings.http.viewer_url.rstrip("/")
+        row["viewer"] = (f"{viewer}/viewer?StudyInstanceUIDs={job.study_uid}"
+                         if viewer and job.study_uid else None)
+        results = Path(job.results) if job.results else None
+        row["review"] = next((name for name in REVIEW_FILES if results and (results / name).is_file()), None)
+        if user is not None:  # a signed-in reader only (see the module docstring)
+            row["patient"] = self.patients.of(job)
         return row
 
     def overview(self, request: Request) -> Response:
@@ -158,7 +227,8 @@ class Dashboard:
         except ValueError:
             return _error(400, "limit must be an integer")
         counts = self.store.counts()
-        jobs = [self._job_row(j) for j in self.store.list(None, limit, 0)]
+        user = request.scope.get("state", {}).get("user")
+        jobs = [self._job_row(j, user) for j in self.store.list(None, limit, 0)]
         outbox_status = None
         outbox = self.outbox()
         if outbox is not None:

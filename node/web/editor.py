@@ -8,6 +8,13 @@ demand, and saves as new DICOM-SEG versions.
                                                columns; ``?format=png&center=40&width=400``: 8-bit PNG
 ``GET  /api/edit/{series}/labels/{k}``         the label plane of slice ``k``: raw little-endian uint16
 ``POST /api/edit/{series}/save``               edited label planes -> a new SEG version (201)
+``GET  /api/edit/{series}/versions/{v}/labels/{k}``  slice ``k``'s label plane in version ``v`` (compare)
+``POST /api/edit/{series}/restore``            ``{"version": v, "base_version": n}``: version ``v``'s labels
+                                               as a new version (201); nothing is deleted
+``GET  /api/edit/{series}/view/{axis}/{index}``  a coronal (``axis`` = ``coronal``, ``index`` = row) or
+                                               sagittal (``sagittal``, column) plane through the series
+                                               with the shown version's labels: 8-bit RGB PNG,
+                                               ``?center=&width=&opacity=``
 ``GET  /api/annotations`` / ``.csv``            the annotation log (``?series=`` for one series)
 =============================================  =====================================================
 
@@ -24,7 +31,10 @@ Where the labels come from (the *latest* segmentation of the series):
    ``labels.nii.gz`` + ``classes.json``;
 3. nothing: an empty label volume (version 0).
 
-A job's result counts as version 1; each save writes version ``max(shown, newest saved) + 1``.
+A job's result counts as version 1 (the engine's); each save writes version ``max(shown, newest saved) + 1``.
+The ``versions`` of the info answer list version 1 and every correction; any of them can be shown
+beside the current one (its label planes, read-only) and made current again: ``restore`` writes its
+labels as the next version, attributed to the user, so the history only grows.
 
 Save (``POST .../save``, JSON)::
 
@@ -57,7 +67,7 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +151,21 @@ def png_gray8(plane: np.ndarray) -> bytes:
             + chunk(b"IEND", b""))
 
 
+def png_rgb8(image: np.ndarray) -> bytes:
+    """An 8-bit RGB PNG (PNG spec 11.2.2, colour type 2) of a uint8 ``rows x columns x 3`` array."""
+    rows, columns, _ = image.shape
+    raw = np.zeros((rows, columns * 3 + 1), np.uint8)
+    raw[:, 1:] = image.reshape(rows, columns * 3)
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(tag + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", columns, rows, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw.tobytes(), 6))
+            + chunk(b"IEND", b""))
+
+
 def windowed(plane: np.ndarray, center: float, width: float) -> np.ndarray:
     """Linear window (PS3.3 C.11.2.1.2 without the half-pixel offsets) to 0..255."""
     low = center - width / 2.0
@@ -206,6 +231,9 @@ class Editor:
         self._cache: OrderedDict[str, Loaded] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._series_locks: dict[str, threading.Lock] = {}
+        #: Other versions' label volumes read for comparing: (series, version, image token) -> labels.
+        self._versions: OrderedDict[tuple[str, int, str], tuple[np.ndarray, dict[int, LabelClass]]]
+        self._versions = OrderedDict()
 
     # --- finding and loading ------------------------------------------------------------------
     def _lock_for(self, series_uid: str) -> threading.Lock:
@@ -355,8 +383,20 @@ class Editor:
             if outbox is not None and row["delivery"].startswith("outbox:"):
                 states = outbox.job_destinations(correction_job_id(series_uid, row["version"]))
                 row["destinations"] = {name: state["state"] for name, state in states.items()}
+        versions = []
+        job = self._newest_done_job(series_uid)
+        if job is not None:
+            versions.append({"version": 1, "source": "engine", "job_id": job.id, "user": None,
+                             "time": datetime.fromtimestamp(job.finished or job.created, UTC).isoformat(
+                                 timespec="seconds").replace("+00:00", "Z"), "base": f"job {job.id}"})
+        for row in self.annotations.rows(series_uid):
+            versions.append({"version": row["version"], "source": "correction", "job_id": None,
+                             "user": row["user"], "time": row["time"], "base": row["base"]})
+        for entry in versions:
+            entry["current"] = entry["version"] == loaded.version
         return {
             "series_uid": series_uid, "study_uid": loaded.study_uid, "modality": modality,
+            "versions": versions,
             "description": source.series_description if source else "",
             "slices": n, "rows": rows, "columns": columns, "spacing": list(ct.geometry.spacing),
             "dtype": "int16" if ct.array.dtype == np.int16 else "float32",
@@ -437,32 +477,42 @@ class Editor:
                     new[k] = plane
             if not changed_slices:
                 raise EditError(400, f"the slices sent are the same as version {current}: nothing to save")
-            changed_ids.discard(0)
-            version = max(current, latest["version"] if latest else 0) + 1
-            present = [int(i) for i in np.unique(new) if i]
-            if not present:
-                raise EditError(400, "the edit leaves no labelled voxel in the series: a DICOM-SEG needs at "
-                                     "least one segment")
-            volume = LabelVolume(new, loaded.ct.geometry, loaded.ct.source,
-                                 classes={i: classes[i] for i in present})
-            out = self.corrections / series_uid / f"v{version}.dcm"
-            path = self._write(volume, loaded, out, version=version, user=user)
-            seg_uid, seg_series_uid = self._uids(path)
-            delivery = self._deliver(path, loaded, version)
-            source = loaded.ct.source
-            instances = tuple(source.instance_uids[k] for k in changed_slices) if source and source.instance_uids else ()
-            try:
-                row = self.annotations.append(Annotation(
-                    user=user, study_uid=loaded.study_uid, series_uid=series_uid, seg_uid=seg_uid,
-                    seg_series_uid=seg_series_uid, version=version, base=loaded.base or f"version {current}",
-                    slices=tuple(changed_slices), source_instances=instances,
-                    labels=tuple(classes[i].name for i in sorted(changed_ids)), voxels_changed=voxels,
-                    path=str(path), delivery=delivery))
-            except VersionTaken as exc:
-                raise EditError(409, f"{exc}: reload the editor") from None
-            loaded.labels, loaded.version = new, version
-            loaded.classes = dict(sorted(classes.items()))
-            loaded.base, loaded.labels_key = f"version {version} by {user}", (version, loaded.labels_key[1])
+            return self._commit(loaded, new, classes, changed_slices, changed_ids, voxels, user,
+                                loaded.base or f"version {current}")
+
+    def _commit(self, loaded: Loaded, new: np.ndarray, classes: dict[int, LabelClass],
+                changed_slices: list[int], changed_ids: set[int], voxels: int, user: str,
+                base: str) -> dict[str, Any]:
+        """Write ``new`` as the next version (caller holds ``loaded.lock`` and checked the base)."""
+        series_uid, current = loaded.series_uid, loaded.version
+        latest = self.annotations.latest(series_uid)
+        changed_ids.discard(0)
+        version = max(current, latest["version"] if latest else 0) + 1
+        present = [int(i) for i in np.unique(new) if i]
+        if not present:
+            raise EditError(400, "the edit leaves no labelled voxel in the series: a DICOM-SEG needs at "
+                                 "least one segment")
+        volume = LabelVolume(new, loaded.ct.geometry, loaded.ct.source,
+                             classes={i: classes[i] for i in present})
+        out = self.corrections / series_uid / f"v{version}.dcm"
+        path = self._write(volume, loaded, out, version=version, user=user)
+        seg_uid, seg_series_uid = self._uids(path)
+        delivery = self._deliver(path, loaded, version)
+        source = loaded.ct.source
+        instances = (tuple(source.instance_uids[k] for k in changed_slices)
+                     if source and source.instance_uids else ())
+        try:
+            row = self.annotations.append(Annotation(
+                user=user, study_uid=loaded.study_uid, series_uid=series_uid, seg_uid=seg_uid,
+                seg_series_uid=seg_series_uid, version=version, base=base,
+                slices=tuple(changed_slices), source_instances=instances,
+                labels=tuple(classes[i].name for i in sorted(changed_ids)), voxels_changed=voxels,
+                path=str(path), delivery=delivery))
+        except VersionTaken as exc:
+            raise EditError(409, f"{exc}: reload the editor") from None
+        loaded.labels, loaded.version = new, version
+        loaded.classes = dict(sorted(classes.items()))
+        loaded.base, loaded.labels_key = f"version {version} by {user}", (version, loaded.labels_key[1])
         log.info("editor: series %s version %d saved by %s (%d slice(s), %d voxel(s); %s)", series_uid,
                  version, user, len(changed_slices), voxels, delivery)
         return {"version": version, "seg_uid": seg_uid, "seg_series_uid": seg_series_uid,
@@ -471,6 +521,98 @@ class Editor:
                 "voxels_changed": voxels, "time": row["time"], "user": user,
                 "labels_token": labels_token(loaded.labels_key),
                 "classes": [_class_json(c) for c in loaded.classes.values()]}
+
+    # --- other versions -----------------------------------------------------------------------
+    def version_labels(self, series_uid: str,
+                       version: int) -> tuple[Loaded, np.ndarray, dict[int, LabelClass]]:
+        """The label volume and classes of ``version`` of the series (1: the engine's; 2..: corrections)."""
+        loaded = self.load(series_uid)
+        with loaded.lock:
+            if version == loaded.version:
+                return loaded, loaded.labels, loaded.classes
+        key = (series_uid, version, loaded.token)
+        with self._cache_lock:
+            hit = self._versions.get(key)
+            if hit is not None:
+                self._versions.move_to_end(key)
+                return loaded, *hit
+        if version == 1:
+            job = self._newest_done_job(series_uid)
+            results = Path(job.results or "") if job is not None else None
+            if results is not None and (results / "seg.dcm").is_file():
+                labels = read_seg_labels(results / "seg.dcm", loaded.ct)
+            elif results is not None and (results / "labels.nii.gz").is_file():
+                labels = self._nifti_labels(results, loaded.ct)
+            else:
+                raise EditError(404, f"series {series_uid} has no engine result (version 1)")
+        else:
+            row = next((r for r in self.annotations.rows(series_uid) if r["version"] == version), None)
+            if row is None or not Path(row["path"]).is_file():
+                raise EditError(404, f"series {series_uid} has no version {version}")
+            labels = read_seg_labels(Path(row["path"]), loaded.ct)
+        entry = (np.ascontiguousarray(labels.array, dtype=np.uint16), dict(labels.classes))
+        with self._cache_lock:
+            self._versions[key] = entry
+            while len(self._versions) > CACHE_SIZE:
+                self._versions.popitem(last=False)
+        return loaded, *entry
+
+    def restore(self, series_uid: str, user: str, payload: Any) -> dict[str, Any]:
+        """Version ``payload["version"]`` made current again: its labels written as the next version."""
+        if not isinstance(payload, dict):
+            raise EditError(400, "the body must be a JSON object")
+        version, base_version = payload.get("version"), payload.get("base_version")
+        for name, value in (("version", version), ("base_version", base_version)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise EditError(400, f"{name} must be an integer")
+        self.load(series_uid, refresh=True)
+        loaded, array, version_classes = self.version_labels(series_uid, version)
+        with loaded.lock:
+            current = loaded.version
+            if base_version != current:
+                raise EditError(409, f"version {current} is current now, not version {base_version}: "
+                                     "reload the editor")
+            if version == current:
+                raise EditError(400, f"version {version} is the current version already")
+            diff = array != loaded.labels
+            changed_slices = [int(k) for k in np.flatnonzero(diff.reshape(diff.shape[0], -1).any(axis=1))]
+            if not changed_slices:
+                raise EditError(400, f"version {version} has the same labels as version {current}: "
+                                     "nothing to do")
+            classes = {**loaded.classes, **version_classes}
+            changed_ids = ({int(i) for i in np.unique(array[diff])}
+                           | {int(i) for i in np.unique(loaded.labels[diff])})
+            return self._commit(loaded, array.copy(), classes, changed_slices, changed_ids, int(diff.sum()),
+                                user, f"version {version} made current again (was version {current})")
+
+    def view(self, series_uid: str, axis: str, index: int, center: float | None, width: float | None,
+             opacity: float, version: int | None) -> tuple[bytes, bool]:
+        """A coronal or sagittal plane as an RGB PNG (labels blended at ``opacity``), the patient's head
+        up; and whether slice k = 0 is at its bottom (the client maps clicks to slices with it)."""
+        if axis not in ("coronal", "sagittal"):
+            raise EditError(404, f"axis must be coronal or sagittal, not {axis!r}")
+        if version is None:
+            version = self.load(series_uid).version
+        loaded, labels, classes = self.version_labels(series_uid, version)
+        n, rows, columns = loaded.ct.array.shape
+        size = rows if axis == "coronal" else columns
+        if not 0 <= index < size:
+            raise EditError(404, f"{axis} plane {index} is outside 0..{size - 1}")
+        take = (slice(None), index, slice(None)) if axis == "coronal" else (slice(None), slice(None), index)
+        center = loaded.auto_window[0] if center is None else center
+        width = loaded.auto_window[1] if width is None else width
+        grey = windowed(loaded.ct.array[take], center, width).astype(np.float32)
+        plane = labels[take]
+        colors = np.zeros((max([0, *classes, int(plane.max())]) + 1, 3), np.float32)
+        for c in classes.values():
+            colors[c.id] = c.color
+        alpha = np.where(plane > 0, np.float32(min(max(opacity, 0.0), 1.0)), np.float32(0.0))[..., None]
+        rgb = np.rint(grey[..., None] * (1 - alpha) + colors[plane] * alpha).astype(np.uint8)
+        # Head up: rows are slices k; flip when k runs towards the head (+z in LPS is superior).
+        bottom_is_first = float(loaded.ct.geometry.direction_matrix[2, 2]) > 0
+        if bottom_is_first:
+            rgb = rgb[::-1]
+        return png_rgb8(np.ascontiguousarray(rgb)), bottom_is_first
 
     @staticmethod
     def _custom_labels(given: Any, classes: dict[int, LabelClass]) -> list[LabelClass]:
@@ -572,6 +714,9 @@ class Editor:
             Route("/api/edit/{series}/image/{k:int}", self._image_route),
             Route("/api/edit/{series}/labels/{k:int}", self._labels_route),
             Route("/api/edit/{series}/save", self._save_route, methods=["POST"]),
+            Route("/api/edit/{series}/restore", self._restore_route, methods=["POST"]),
+            Route("/api/edit/{series}/versions/{v:int}/labels/{k:int}", self._version_labels_route),
+            Route("/api/edit/{series}/view/{axis}/{index:int}", self._view_route),
             Route("/api/annotations", self._annotations_route),
             Route("/api/annotations.csv", self._annotations_csv_route),
         ]
@@ -641,6 +786,50 @@ class Editor:
             return _error(exc.status, exc.message)
         return JSONResponse(result, status_code=201)
 
+    async def _restore_route(self, request: Request) -> Response:
+        user = self._user(request)
+        if not self.settings.http.tokens or user is None:
+            return _error(403, "making a version current needs a signed-in user (every version is "
+                               "attributed): this node has no [http] tokens")
+        try:
+            payload = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _error(400, "the body is not JSON")
+        try:
+            result = await run_in_threadpool(self.restore, request.path_params["series"], user, payload)
+        except EditError as exc:
+            return _error(exc.status, exc.message)
+        return JSONResponse(result, status_code=201)
+
+    def _version_labels_route(self, request: Request) -> Response:
+        k = request.path_params["k"]
+        try:
+            _, labels, _ = self.version_labels(request.path_params["series"], request.path_params["v"])
+            if not 0 <= k < labels.shape[0]:
+                raise EditError(404, f"slice {k} is outside 0..{labels.shape[0] - 1}")
+        except EditError as exc:
+            return _error(exc.status, exc.message)
+        data = np.ascontiguousarray(labels[k], dtype="<u2").tobytes()
+        return _binary(request, data, {"x-dtype": "uint16", "x-shape": f"{labels.shape[1]},{labels.shape[2]}",
+                                       "x-version": str(request.path_params["v"])})
+
+    def _view_route(self, request: Request) -> Response:
+        q = request.query_params
+        try:
+            try:
+                center = float(q["center"]) if "center" in q else None
+                width = float(q["width"]) if "width" in q else None
+                opacity = float(q.get("opacity", 0.5))
+                version = int(q["v"]) if "v" in q else None
+            except ValueError:
+                raise EditError(400, "center, width and opacity must be numbers, v an integer") from None
+            png, bottom_is_first = self.view(request.path_params["series"], request.path_params["axis"],
+                                             request.path_params["index"], center, width, opacity, version)
+        except EditError as exc:
+            return _error(exc.status, exc.message)
+        return Response(png, media_type="image/png", headers={
+            "cache-control": "private, no-cache", "x-first-slice": "bottom" if bottom_is_first else "top"})
+
     def _annotations_route(self, request: Request) -> Response:
         return JSONResponse(self.annotations.rows(request.query_params.get("series") or None))
 
@@ -655,4 +844,4 @@ def correction_job_id(series_uid: str, version: int) -> str:
     return f"edit-{series_uid}-v{version}"
 
 
-__all__ = ["EditError", "Editor", "correction_job_id", "png_gray8", "windowed"]
+__all__ = ["EditError", "Editor", "correction_job_id", "png_gray8", "png_rgb8", "windowed"]

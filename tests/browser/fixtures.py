@@ -82,9 +82,13 @@ class Node:
         raise TimeoutError(f"no finished job for series {series_uid}")
 
 
+#: The patient of the node's phantom series (what the dashboard shows a signed-in reader).
+PATIENT = {"patient_name": "Doe^Jane", "patient_id": "PID-0042", "accession_number": "ACC-7781"}
+
+
 def write_phantom_series(spec: PhantomSpec, folder: Path, seed_text: str, description: str):
     phantom = make_phantom(spec)
-    info = SeriesInfo(uid_seed=seed_text, series_description=description)
+    info = SeriesInfo(uid_seed=seed_text, series_description=description, **PATIENT)
     return phantom, write_series(phantom.ct, folder, info)
 
 

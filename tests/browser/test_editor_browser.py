@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 
 from node.phantom import PhantomSpec
@@ -55,21 +56,39 @@ def voxel_point(page, i: int, j: int, columns: int, rows: int) -> tuple[float, f
     return box["x"] + (i + 0.5) * box["width"] / columns, box["y"] + (j + 0.5) * box["height"] / rows
 
 
+def page_text(page) -> str:
+    """Everything the page holds as text, shown or not (hidden rows and titles included)."""
+    return page.evaluate("""() => document.documentElement.outerHTML""")
+
+
 def test_dashboard_shows_the_job_and_takes_dropped_files(node: Node, page, screenshots: Path) -> None:
     page.goto(node.url + "/")
     page.wait_for_selector(".message.info")
     assert page.inner_text("#message") == "Sign in with your API token."
+    assert "Doe" not in page_text(page) and "PID-0042" not in page_text(page)  # signed out: no patient
     sign_in(page, TOKENS["alice"])
     row = page.locator(f"#jobs tr[data-job='{node.job_id}']")
     row.wait_for()
     assert page.inner_text("#who") == "signed in as alice"
     cells = row.locator("td")
-    assert cells.nth(2).inner_text() == "stow"
-    assert cells.nth(3).inner_text() == "ct-threshold\nthreshold"
-    assert cells.nth(4).inner_text() == "done"
+    # Signed in: the patient and study, from the series' own header.
+    study_date = pydicom.dcmread(next(Path(node.store.get(node.job_id).folder).glob("*.dcm")),
+                                 stop_before_pixels=True).StudyDate
+    assert cells.nth(1).locator(".patient-name").inner_text() == "Doe Jane"
+    assert cells.nth(1).locator(".muted").inner_text() == (
+        f"ID PID-0042 · acc. ACC-7781 · {study_date[:4]}-{study_date[4:6]}-{study_date[6:]}")
+    assert cells.nth(1).locator(".series-description").inner_text() == "Phantom for the editor"
+    # Links to the study in segnode viewer (OHIF), in a new tab.
+    viewer = row.locator("a.viewer")
+    assert (viewer.get_attribute("href"), viewer.get_attribute("target")) == (
+        f"http://127.0.0.1:3000/viewer?StudyInstanceUIDs={node.study_uid}", "_blank")
+    assert row.locator("button.review-sheet").count() == 0  # no review sheet among this job's results
+    assert cells.nth(3).inner_text() == "stow"
+    assert cells.nth(4).inner_text() == "ct-threshold\nthreshold"
     assert cells.nth(5).inner_text() == "done"
-    assert cells.nth(6).inner_text().strip() == "100%"
-    assert sorted(t.split(" ")[0] for t in cells.nth(7).locator("span span").all_inner_texts()) == [
+    assert cells.nth(6).inner_text() == "done"
+    assert cells.nth(7).inner_text().strip() == "100%"
+    assert sorted(t.split(" ")[0] for t in cells.nth(8).locator("span span").all_inner_texts()) == [
         "load", "prepare", "seg", "segment", "write"]
     row.locator(".delivery .badge").filter(has_text="delivered").wait_for()
     assert row.locator(".delivery").inner_text().startswith(f"{DESTINATION} delivered")
@@ -110,6 +129,27 @@ def test_dashboard_shows_the_job_and_takes_dropped_files(node: Node, page, scree
     assert new_row.count() == 2
     page.screenshot(path=str(screenshots / "dashboard-after-drop.png"), full_page=True)
 
+    # A review sheet among the job's results: linked, and shown in the page when asked for.
+    from PIL import Image
+
+    sheet = Path(node.store.get(node.job_id).results) / "review.png"
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(sheet)
+    try:
+        row.locator("button.review-sheet").click()  # appears with the next poll
+        image = page.locator(f"#jobs tr.review-row img.review")
+        image.wait_for(state="visible")
+        page.wait_for_function("() => document.querySelector('img.review').naturalWidth > 0")
+        assert image.evaluate("i => [i.naturalWidth, i.naturalHeight]") == [40, 30]
+        page.screenshot(path=str(screenshots / "dashboard-review-sheet.png"), full_page=True)
+    finally:
+        sheet.unlink()
+
+    # Signed out: the tables go, and with them every patient name the page held.
+    page.click("#signout")
+    page.wait_for_function("() => !document.querySelector('#jobs tbody tr')")
+    text = page_text(page)
+    assert "Doe" not in text and "PID-0042" not in text and "ACC-7781" not in text
+
 
 def test_dashboard_retry_button(node: Node, page, screenshots: Path) -> None:
     from node.jobs.store import Job
@@ -126,8 +166,8 @@ def test_dashboard_retry_button(node: Node, page, screenshots: Path) -> None:
         sign_in(page, TOKENS["bob"])
         row = page.locator(f"#jobs tr[data-job='{job.id}']")
         row.wait_for()
-        assert row.locator("td").nth(4).inner_text() == "failed"
-        assert row.locator("td").nth(8).inner_text() == "missing_slices: slice 2 of 3 is missing"
+        assert row.locator("td").nth(5).inner_text() == "failed"
+        assert row.locator("td").nth(9).inner_text() == "missing_slices: slice 2 of 3 is missing"
         page.screenshot(path=str(screenshots / "dashboard-failed-job.png"), full_page=True)
         row.locator("button.retry").click()
         page.locator(f"#jobs tr[data-job='{job.id}'][data-state='queued']").wait_for()
@@ -361,7 +401,7 @@ def test_slice_change_timings_on_a_large_series(tmp_path: Path, browser_context,
             low, scale = shown["window"]["center"] - shown["window"]["width"] / 2, 255 / shown["window"]["width"]
             gray = np.clip(np.floor((ct[k, ROW_CHECKED].astype(float) - low) * scale + 0.5), 0, 255)
             assert (shown["slice"], shown["label"], shown["hud"].split(" · ")[0]) == (
-                str(k), f"{k} / {n - 1}", f"slice {k} / {n - 1}")
+                str(k), f"{k + 1} / {n}", f"slice {k + 1} / {n}")  # numbered from 1 on screen
             assert shown["gray"] == gray.astype(int).tolist(), f"slice {k}: image row {ROW_CHECKED}"
             assert [a > 0 for a in shown["alpha"]] == (labels[k, ROW_CHECKED] > 0).tolist(), f"slice {k}: overlay"
 
@@ -434,3 +474,89 @@ def test_slice_change_timings_on_a_large_series(tmp_path: Path, browser_context,
     print(f"  slider jumps to {len(jumps)} unfetched slices: {_summary(jumps)}")
     print(f"  30 arrow presses without waiting over unfetched slices: {rushed * 1000:.0f} ms until slice 50 was "
           f"drawn ({rushed_last['ms']:.1f} ms for its own request)")
+
+
+def test_editor_versions_views_and_make_current(node: Node, page, screenshots: Path) -> None:
+    """After alice's save (version 2): slices numbered from 1, the coronal and sagittal views (a click
+    there goes to a slice), the Versions panel with the engine's version 1, version 1 shown in place of
+    version 2 (read-only) and back, then made current again as version 3 by bob (version 2 kept)."""
+    from node.dicom.seg import read_seg
+    from node.dicom.series import read_series
+
+    job = node.store.get(node.job_id)
+    ct = read_series(Path(job.folder))
+    base = read_seg(Path(job.results) / "seg.dcm", ct)
+    v2_path = node.data_dir / "corrections" / node.series_uid / "v2.dcm"
+    v2 = read_seg(v2_path, ct)
+    n, rows, columns = ct.array.shape
+    assert not np.array_equal(v2.array[SLICE], base.array[SLICE])  # test_editor_paint_erase_save's edit
+
+    page.goto(f"{node.url}/edit/{node.series_uid}")
+    sign_in(page, TOKENS["bob"])
+    page.wait_for_selector("body[data-ready='1']")
+    assert page.inner_text("#slice-label") == f"{n // 2 + 1} / {n}"
+    assert page.inner_text("#hud").startswith(f"slice {n // 2 + 1} / {n} · ")
+    items = page.locator("#versions li")
+    assert [items.nth(i).get_attribute("data-version") for i in range(items.count())] == ["2", "1"]
+    newest = items.nth(0).inner_text()
+    assert newest.startswith("v2\nalice · ") and newest.endswith("\ncurrent")
+    assert items.nth(0).get_attribute("class") == "current"
+    assert items.nth(1).inner_text().startswith(f"v1\nengine (job {node.job_id}) · ")
+
+    # The coronal and sagittal views through the middle, version 2's labels; a click goes to a slice.
+    page.wait_for_function("() => document.body.dataset.coronal && document.body.dataset.sagittal")
+    assert (page.get_attribute("body", "data-coronal"), page.get_attribute("body", "data-sagittal")) == (
+        f"{rows // 2}:2", f"{columns // 2}:2")
+    assert page.eval_on_selector("#coronal", "c => [c.width, c.height]") == [columns, n]
+    assert page.eval_on_selector("#sagittal", "c => [c.width, c.height]") == [rows, n]
+    head_up = ct.geometry.direction_matrix[2, 2] > 0
+    box = page.locator("#coronal").bounding_box()
+    row = n - 1 - SLICE if head_up else SLICE
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + (row + 0.5) * box["height"] / n)
+    page.wait_for_selector(f"body[data-slice='{SLICE}']")
+    assert page.inner_text("#slice-label") == f"{SLICE + 1} / {n}"
+    page.screenshot(path=str(screenshots / "editor-views.png"))
+
+    def overlay_alpha() -> np.ndarray:
+        return np.array(page.evaluate("""() => {
+            const c = document.getElementById('overlay');
+            const rgba = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+            return Array.from(rgba.filter((_, i) => i % 4 === 3));
+        }""")).reshape(rows, columns)
+
+    shown_v2 = overlay_alpha()
+    # Version 1 in place of version 2: read-only, and T goes back.
+    items.nth(1).locator("button.compare").click()
+    page.wait_for_selector("body[data-viewing='1']")
+    page.wait_for_function(f"() => window.segnodeEditor.compareLabels.has({SLICE})")
+    compared = np.array(page.evaluate(f"Array.from(window.segnodeEditor.compareLabels.get({SLICE}))"))
+    assert np.array_equal(compared.reshape(rows, columns), base.array[SLICE])
+    assert np.array_equal(overlay_alpha() > 0, base.array[SLICE] > 0)
+    assert np.array_equal(shown_v2 > 0, v2.array[SLICE] > 0)
+    assert "showing version 1 (read-only" in page.inner_text("#hud")
+    page.wait_for_function("() => document.body.dataset.coronal.endsWith(':1')")  # the views follow
+    page.mouse.click(*voxel_point(page, X0, ROW, columns, rows))
+    assert page.inner_text("#message").startswith("Version 1 is shown read-only")
+    assert page.get_attribute("body", "data-edited") == ""
+    page.screenshot(path=str(screenshots / "editor-compare.png"))
+    page.keyboard.press("t")
+    page.wait_for_selector("body[data-viewing='2']")
+    assert np.array_equal(overlay_alpha() > 0, v2.array[SLICE] > 0)
+
+    # Version 1 made current again: version 3, by bob; version 2 stays.
+    page.locator("#versions li[data-version='1'] button.make-current").click()
+    page.wait_for_selector(".save-status.ok")
+    assert page.inner_text("#save-status").startswith("Version 1 is current again as version 3 (SEG ")
+    page.wait_for_function("() => document.querySelectorAll('#versions li').length === 3")
+    assert page.locator("#versions li.current").get_attribute("data-version") == "3"
+    assert page.locator("#versions li[data-version='3']").inner_text().startswith("v3\nbob · ")
+    page.wait_for_function(f"() => segnodeEditor.labels.has({SLICE}) && segnodeEditor.shown === {SLICE}")
+    plane = np.array(page.evaluate(f"Array.from(segnodeEditor.labels.get({SLICE}))")).reshape(rows, columns)
+    assert np.array_equal(plane, base.array[SLICE])
+    v3_path = v2_path.with_name("v3.dcm")
+    v3 = pydicom.dcmread(v3_path, stop_before_pixels=True)
+    assert (str(v3.ContentCreatorName), v3.SeriesNumber) == ("bob", 3001)
+    assert np.array_equal(read_seg(v3_path, ct).array, base.array)
+    assert np.array_equal(read_seg(v2_path, ct).array, v2.array)  # nothing deleted
+    page.screenshot(path=str(screenshots / "editor-made-current.png"))
+

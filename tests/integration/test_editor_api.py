@@ -13,6 +13,7 @@ import struct
 import time
 import zlib
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -26,7 +27,7 @@ from node.nifti import read_nifti
 from node.phantom import PhantomSpec
 from node.web.app import AppContext, create_app
 from node.web.editor import windowed
-from tests.browser.fixtures import DESTINATION, TOKENS, Node, running_node, serve_in_thread
+from tests.browser.fixtures import DESTINATION, PATIENT, TOKENS, Node, running_node, serve_in_thread
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +36,8 @@ OTHER = PhantomSpec(size=(64, 64, 40), spacing=(3.2, 3.2, 6.0), seed=3)
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    with running_node(tmp_path_factory.mktemp("node"), extra={"other": OTHER, "plain": OTHER, "newer": OTHER}) as n:
+    with running_node(tmp_path_factory.mktemp("node"), extra={"other": OTHER, "plain": OTHER, "newer": OTHER,
+                                                                          "versions": OTHER}) as n:
         yield n
 
 
@@ -50,7 +52,7 @@ def plane_payload(plane: np.ndarray, *, encoding: str = "zlib") -> str:
 
 
 def png_pixels(data: bytes) -> np.ndarray:
-    """Decodes the editor's 8-bit greyscale PNG (filter type 0 rows)."""
+    """Decodes the editor's 8-bit greyscale or RGB PNG (filter type 0 rows)."""
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     position, idat = 8, b""
     while position < len(data):
@@ -59,13 +61,14 @@ def png_pixels(data: bytes) -> np.ndarray:
         assert struct.unpack(">I", data[position + 8 + length:position + 12 + length])[0] == zlib.crc32(tag + body)
         if tag == b"IHDR":
             columns, rows, depth, colour = struct.unpack(">IIBB", body[:10])
-            assert (depth, colour) == (8, 0)
+            assert (depth, colour) in ((8, 0), (8, 2))
+            samples = 3 if colour == 2 else 1
         elif tag == b"IDAT":
             idat += body
         position += 12 + length
-    raw = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(rows, columns + 1)
+    raw = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(rows, columns * samples + 1)
     assert not raw[:, 0].any()
-    return raw[:, 1:]
+    return raw[:, 1:] if samples == 1 else raw[:, 1:].reshape(rows, columns, 3)
 
 
 def base_labels(node: Node):
@@ -100,7 +103,8 @@ def test_pages_are_open_and_the_api_is_not(node: Node) -> None:
         assert http.get("/api/whoami").json() == {"user": "bob", "auth": True}
 
 
-def test_dashboard_api(node: Node) -> None:
+def test_dashboard_api(node: Node, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG")
     with client(node) as http:
         data = http.get("/api/dashboard").json()
         job = next(j for j in data["jobs"] if j["id"] == node.job_id)
@@ -117,6 +121,15 @@ def test_dashboard_api(node: Node) -> None:
         "done", "ct-threshold", "threshold", 5, "done")
     assert job["destinations"][DESTINATION]["state"] == "delivered"
     assert "history" not in job
+    # The reader's context: the patient and study from the series' own header, the study in the viewer.
+    folder = Path(node.store.get(node.job_id).folder)
+    ds = pydicom.dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True)
+    assert job["patient"] == {"name": "Doe^Jane", "id": "PID-0042", "accession": "ACC-7781",
+                              "study_date": str(ds.StudyDate), "series_description": "Phantom for the editor"}
+    assert (PATIENT["patient_name"], len(str(ds.StudyDate))) == ("Doe^Jane", 8)
+    assert job["viewer"] == f"http://127.0.0.1:3000/viewer?StudyInstanceUIDs={node.study_uid}"
+    assert job["review"] is None  # no review sheet among its results
+    assert "Doe" not in caplog.text and "PID-0042" not in caplog.text and "ACC-7781" not in caplog.text
     assert [s["series_uid"] for s in data["series"]] == [node.series_uid]
     results = Path(node.store.get(node.job_id).results)
     assert listed == [{"path": name, "kind": kind, "size": (results / name).stat().st_size} for name, kind in (
@@ -396,3 +409,107 @@ def test_a_newer_job_wins_over_older_corrections(node: Node) -> None:
     assert (shown["version"], shown["base"]) == (1, f"job {newer.id} (seg.dcm)")
     assert again.status_code == 201, again.text
     assert again.json()["version"] == 3
+
+
+SHEET = b"\x89PNG\r\n\x1a\n(a review sheet)"
+
+
+def test_dashboard_links_the_review_sheet_and_keeps_the_patient_from_open_nodes(node: Node) -> None:
+    """A review sheet in a job's results is linked (and served); a node without tokens, where nobody is
+    signed in, shows no patient data."""
+    results = Path(node.store.get(node.job_id).results)
+    sheet = results / "review.png"
+    sheet.write_bytes(SHEET)
+    try:
+        with client(node) as http:
+            job = next(j for j in http.get("/api/dashboard").json()["jobs"] if j["id"] == node.job_id)
+            served = http.get(f"/api/jobs/{node.job_id}/artifacts/{job['review']}")
+        settings = node.settings.model_copy(update={"http": node.settings.http.model_copy(
+            update={"tokens": {}, "viewer_url": ""})})
+        app = create_app(AppContext(settings, node.store, lambda *a: None, node.receiver, outbox=node.outbox))
+        with serve_in_thread(app) as url, httpx.Client(base_url=url, trust_env=False) as http:
+            open_job = next(j for j in http.get("/api/dashboard").json()["jobs"] if j["id"] == node.job_id)
+    finally:
+        sheet.unlink()
+    assert job["review"] == "review.png"
+    assert (served.status_code, served.headers["content-type"], served.content) == (200, "image/png", SHEET)
+    assert "patient" not in open_job and open_job["viewer"] is None and open_job["review"] == "review.png"
+
+
+def test_versions_compare_and_make_current(node: Node) -> None:
+    """Version 1 (the engine's) and a correction listed; any version's planes and reformatted views for
+    comparing; version 1 made current again as version 3, version 2 kept."""
+    series_uid = node.store_series(node.extra["versions"])
+    assert node.wait_job(series_uid) == "done"
+    job = node.store.for_series(series_uid)[-1]
+    ct = read_series(Path(job.folder))
+    engine = read_seg(Path(job.results) / "seg.dcm", ct).array
+    edited = engine[12].copy()
+    edited[5:15, 5:15] = 1
+    with client(node) as http:
+        info = http.get(f"/api/edit/{series_uid}").json()
+        saved = http.post(f"/api/edit/{series_uid}/save", json={
+            "base_version": 1, "token": info["token"], "labels_token": info["labels_token"],
+            "encoding": "raw", "slices": {"12": plane_payload(edited, encoding="raw")}})
+        assert saved.status_code == 201, saved.text
+        listed = http.get(f"/api/edit/{series_uid}").json()["versions"]
+        v1 = http.get(f"/api/edit/{series_uid}/versions/1/labels/12")
+        v2 = http.get(f"/api/edit/{series_uid}/versions/2/labels/12")
+        v9 = http.get(f"/api/edit/{series_uid}/versions/9/labels/12")
+        coronal = http.get(f"/api/edit/{series_uid}/view/coronal/10?center=40&width=400&opacity=0.5&v=1")
+        sagittal = http.get(f"/api/edit/{series_uid}/view/sagittal/63?center=40&width=400&opacity=0")
+        bad_axis = http.get(f"/api/edit/{series_uid}/view/oblique/3")
+        outside = http.get(f"/api/edit/{series_uid}/view/coronal/64")
+        refusals = [http.post(f"/api/edit/{series_uid}/restore", json=body) for body in (
+            {"version": 1, "base_version": 1}, {"version": 2, "base_version": 2},
+            {"version": 9, "base_version": 2}, {"version": "1", "base_version": 2})]
+    with client(node, None) as http:
+        signed_out = http.post(f"/api/edit/{series_uid}/restore", json={"version": 1, "base_version": 2})
+    with client(node, "bob") as http:
+        restored = http.post(f"/api/edit/{series_uid}/restore", json={"version": 1, "base_version": 2})
+        after = http.get(f"/api/edit/{series_uid}").json()
+        current = http.get(f"/api/edit/{series_uid}/labels/12?v=3")
+        still_v2 = http.get(f"/api/edit/{series_uid}/versions/2/labels/12")
+    when = datetime.fromtimestamp(job.finished, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    assert [{k: v[k] for k in ("version", "source", "user", "current")} for v in listed] == [
+        {"version": 1, "source": "engine", "user": None, "current": False},
+        {"version": 2, "source": "correction", "user": "alice", "current": True}]
+    assert (listed[0]["time"], listed[0]["job_id"], listed[1]["time"]) == (when, job.id, saved.json()["time"])
+    assert np.array_equal(np.frombuffer(v1.content, "<u2").reshape(64, 64), engine[12])
+    assert np.array_equal(np.frombuffer(v2.content, "<u2").reshape(64, 64), edited)
+    assert (v9.status_code, v9.json()) == (404, {"error": f"series {series_uid} has no version 9"})
+    # Coronal plane j = 10 of version 1: rows are the slices, the head up; labels blended at 0.5.
+    grey = windowed(ct.array[:, 10, :], 40, 400).astype(float)
+    classes = {c.id: c.color for c in read_seg(Path(job.results) / "seg.dcm", ct).classes.values()}
+    colours = np.zeros((max(classes) + 1, 3))
+    for i, rgb in classes.items():
+        colours[i] = rgb
+    plane = engine[:, 10, :]
+    blend = np.where(plane[..., None] > 0, 0.5 * grey[..., None] + 0.5 * colours[plane], grey[..., None])
+    head_up = ct.geometry.direction_matrix[2, 2] > 0
+    expected = np.rint(blend[::-1] if head_up else blend).astype(np.uint8)
+    assert coronal.headers["x-first-slice"] == ("bottom" if head_up else "top")
+    assert np.array_equal(png_pixels(coronal.content), expected)
+    assert (plane > 0).sum() > 50
+    sagittal_grey = windowed(ct.array[:, :, 63], 40, 400)
+    assert np.array_equal(png_pixels(sagittal.content)[..., 0],
+                          sagittal_grey[::-1] if head_up else sagittal_grey)
+    assert (bad_axis.status_code, bad_axis.json()) == (
+        404, {"error": "axis must be coronal or sagittal, not 'oblique'"})
+    assert (outside.status_code, outside.json()) == (404, {"error": "coronal plane 64 is outside 0..63"})
+    assert [(r.status_code, r.json()["error"]) for r in refusals] == [
+        (409, "version 2 is current now, not version 1: reload the editor"),
+        (400, "version 2 is the current version already"),
+        (404, f"series {series_uid} has no version 9"),
+        (400, "version must be an integer")]
+    assert signed_out.status_code == 401
+    # Made current again: version 3 by bob holds version 1's labels; version 2 is still there.
+    assert restored.status_code == 201, restored.text
+    made = restored.json()
+    assert (made["version"], made["user"], made["slices"]) == (3, "bob", [12])
+    assert np.array_equal(np.frombuffer(current.content, "<u2").reshape(64, 64), engine[12])
+    assert np.array_equal(np.frombuffer(still_v2.content, "<u2").reshape(64, 64), edited)
+    assert [(v["version"], v["current"]) for v in after["versions"]] == [(1, False), (2, False), (3, True)]
+    assert after["versions"][2]["base"] == "version 1 made current again (was version 2)"
+    assert np.array_equal(read_seg(node.data_dir / "corrections" / series_uid / "v3.dcm", ct).array, engine)
+    assert (node.data_dir / "corrections" / series_uid / "v2.dcm").is_file()

@@ -76,13 +76,41 @@ function artifactRow(job, columns) {
       : el("span", { class: "muted", text: "no files" })));
 }
 
+// The patient and study of a job, for a signed-in reader (the API sends them to nobody else).
+function patient(job) {
+  const p = job.patient;
+  if (!p) return el("span", { class: "muted", text: job.patient === undefined ? "" : "unknown" });
+  const date = /^\d{8}$/.test(p.study_date) ? `${p.study_date.slice(0, 4)}-${p.study_date.slice(4, 6)}-${p.study_date.slice(6)}` : p.study_date;
+  return el("div", { class: "patient" },
+    el("b", { class: "patient-name", text: (p.name || "(no name)").replaceAll("^", " ").trim() }),
+    el("div", { class: "muted" }, el("span", { class: "patient-id", text: `ID ${p.id || "-"}` }),
+      el("span", { class: "accession", text: ` · acc. ${p.accession || "-"}` }),
+      el("span", { class: "study-date", text: ` · ${date || "no date"}` })),
+    el("div", { class: "series-description", text: p.series_description || "" }));
+}
+
+async function showReview(job, img) {
+  if (img.src) { img.hidden = !img.hidden; return; }
+  try {
+    img.src = URL.createObjectURL(await (await api(`/api/jobs/${job.id}/artifacts/${job.review}`, { raw: true })).blob());
+    img.hidden = false;
+  } catch (e) {
+    say(`review sheet of job ${job.id}: ${e.message}`);
+  }
+}
+
+const reviews = new Map(); // job id -> its review sheet <img>, kept across polls
+
 function renderJobs(jobs) {
   const body = document.querySelector("#jobs tbody");
   const rows = [];
   for (const job of jobs) {
     const error = job.error ? el("div", { class: "reason" }, el("b", { text: job.error.code + ": " }), job.error.message) : "";
+    if (job.review && !reviews.has(job.id)) reviews.set(job.id, el("img", { class: "review", alt: "review sheet", hidden: true }));
+    const review = reviews.get(job.id);
     rows.push(el("tr", { dataset: { job: job.id, state: job.state } },
       el("td", { text: fmtTime(job.created) }),
+      el("td", {}, patient(job)),
       el("td", { class: "uid", title: job.series_uid }, shortUid(job.series_uid),
         el("div", { class: "muted", text: `gen ${job.generation}, ${job.instance_count} inst.` })),
       el("td", { text: [job.sender.via, job.sender.calling_aet].filter(Boolean).join(" ") }),
@@ -99,11 +127,14 @@ function renderJobs(jobs) {
         job.state === "failed" ? el("button", { type: "button", class: "retry", onclick: () => retry(job) }, "Retry") : null,
         job.state === "done" ? el("button", { type: "button", class: "files", onclick: () => toggleArtifacts(job) },
           expanded.has(job.id) ? "Hide files" : `Files (${job.artifacts})`) : null,
-        el("a", { href: `/edit/${job.series_uid}`, class: "edit" }, "Edit")),
+        el("a", { href: `/edit/${job.series_uid}`, class: "edit" }, "Edit"),
+        job.viewer ? el("a", { href: job.viewer, class: "viewer", target: "_blank", rel: "noopener" }, "Viewer") : null,
+        job.review ? el("button", { type: "button", class: "review-sheet", onclick: () => showReview(job, review) }, "Review sheet") : null),
     ));
-    if (expanded.has(job.id)) rows.push(artifactRow(job, 11));
+    if (review && job.review) rows.push(el("tr", { class: "review-row" }, el("td", { colspan: 12 }, review)));
+    if (expanded.has(job.id)) rows.push(artifactRow(job, 12));
   }
-  body.replaceChildren(...(rows.length ? rows : [el("tr", {}, el("td", { colspan: 11, class: "muted", text: "no jobs yet" }))]));
+  body.replaceChildren(...(rows.length ? rows : [el("tr", {}, el("td", { colspan: 12, class: "muted", text: "no jobs yet" }))]));
 }
 
 function renderSeries(series, jobs) {
@@ -192,6 +223,12 @@ document.getElementById("csv").addEventListener("click", () => download("/api/an
 setupDrop(document.getElementById("drop"), document.getElementById("files"), document.getElementById("upload-status"));
 setupLogin((user, auth, error, rejected) => {
   signedIn = !!user || auth === false;
+  if (!user) { // what a signed-in reader saw (patient names among it) leaves the page with them
+    clearTimeout(timer);
+    for (const id of ["jobs", "series", "outbox", "annotations"]) document.querySelector(`#${id} tbody`).replaceChildren();
+    for (const img of reviews.values()) if (img.src) URL.revokeObjectURL(img.src);
+    reviews.clear();
+  }
   if (signedIn) { say(""); poll(); }
   else if (rejected) say(error.message, "error");
   else say(error && error.status !== 401 ? error.message : "Sign in with your API token.", error && error.status !== 401 ? "error" : "info");

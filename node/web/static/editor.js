@@ -1,6 +1,10 @@
 // The correction editor: one series, slices fetched on demand (raw int16 image + uint16 label plane),
 // windowing and the label overlay drawn in the browser, brush/eraser with undo/redo, and a save that
 // sends only the edited slices' label planes (zlib + base64) to POST /api/edit/{series}/save.
+// Versions: the engine's version 1 and every correction, any of them shown in place of the current one
+// (read-only, T toggles) and made current again (POST .../restore: a new version). Coronal and sagittal
+// views (server-rendered PNGs of the saved labels) beside the axial one. Slices are numbered from 1 on
+// screen, as in every viewer; the API counts them from 0.
 "use strict";
 import { api, el, setupDrop, setupLogin, shortUid } from "/static/common.js";
 
@@ -18,6 +22,7 @@ const S = {
   tool: "brush", size: 5, active: null, classes: new Map(),
   window: { center: 40, width: 400 }, lut: null, opacity: 0.5, showOverlay: true, colorLut: null,
   timings: [], opened: null, stroke: null, user: null, canSave: false, saving: false, shown: -1,
+  compare: null, viewing: "current", compareLabels: new Map(), cross: { i: 0, j: 0 },
 };
 window.segnodeEditor = S; // for tests and the curious
 
@@ -79,6 +84,26 @@ function getLabels(k) {
     if (!S.labels.has(k) && S.info.version === version) S.labels.set(k, new Uint16Array(buffer));
     return S.labels.get(k) || new Uint16Array(buffer);
   });
+}
+
+function getCompareLabels(k) {
+  const v = S.compare;
+  const hit = S.compareLabels.get(k);
+  if (hit) return hit;
+  return request(`c${v}:${k}`, k, `/api/edit/${series}/versions/${v}/labels/${k}`, (buffer) => {
+    const plane = new Uint16Array(buffer);
+    if (S.compare === v) S.compareLabels.set(k, plane);
+    return plane;
+  });
+}
+
+// The label plane shown for slice k: the current version's (editable) or the compared one's.
+function shownLabels(k) {
+  return S.viewing === "compare" ? getCompareLabels(k) : getLabels(k);
+}
+
+function shownPlane(k) {
+  return S.viewing === "compare" ? S.compareLabels.get(k) : S.labels.get(k);
 }
 
 function prefetch(k) {
@@ -148,7 +173,7 @@ function renderOverlay(plane) {
 function redraw() {
   const img = S.images.get(S.k);
   if (img) renderImage(img);
-  renderOverlay(S.labels.get(S.k));
+  renderOverlay(shownPlane(S.k));
 }
 
 function layout() {
@@ -161,6 +186,8 @@ function layout() {
   $("stack").style.width = `${Math.floor(w * scale)}px`;
   $("stack").style.height = `${Math.floor(h * scale)}px`;
   drawStrip();
+  fitReformat("coronal");
+  fitReformat("sagittal");
 }
 
 function drawStrip() {
@@ -182,7 +209,8 @@ function drawStrip() {
 
 function hud(ms) {
   const { center, width } = S.window;
-  $("hud").textContent = `slice ${S.k} / ${S.n - 1}${S.edited.has(S.k) ? " · edited" : ""} · C ${Math.round(center)} W ${Math.round(width)}` +
+  const viewing = S.viewing === "compare" ? ` · showing version ${S.compare} (read-only, T: back)` : "";
+  $("hud").textContent = `slice ${S.k + 1} / ${S.n}${S.edited.has(S.k) ? " · edited" : ""}${viewing} · C ${Math.round(center)} W ${Math.round(width)}` +
     (ms !== undefined ? ` · ${ms.toFixed(1)} ms` : "");
 }
 
@@ -203,14 +231,15 @@ async function show(k, since) {
   const t0 = since ?? called;
   S.k = k;
   $("slider").value = String(k);
-  $("slice-label").textContent = `${k} / ${S.n - 1}`;
+  $("slice-label").textContent = `${k + 1} / ${S.n}`;
   drawStrip();
+  drawReformats();
   for (const entry of S.inflight.values()) {
     if (Math.abs(entry.k - k) > PREFETCH) entry.controller.abort();
   }
   const cached = S.images.has(k) && S.labels.has(k);
   try {
-    const [img, plane] = await Promise.all([getImage(k), getLabels(k)]);
+    const [img, plane] = await Promise.all([getImage(k), shownLabels(k)]);
     if (seq !== showSeq) return;
     renderImage(img);
     renderOverlay(plane);
@@ -282,6 +311,10 @@ function moveCursor(event) {
 
 overlayCanvas.addEventListener("pointerdown", (event) => {
   if (event.button !== 0 || !S.info) return;
+  if (S.viewing === "compare") {
+    say(`Version ${S.compare} is shown read-only: press T (or Compare) to go back to the current version to edit.`, "info");
+    return;
+  }
   const plane = S.labels.get(S.k);
   if (!plane || S.shown !== S.k) return; // the slice on screen is still the previous one
   if (S.tool === "brush" && !S.active) {
@@ -297,8 +330,12 @@ overlayCanvas.addEventListener("pointerdown", (event) => {
   renderOverlay(plane);
 });
 
+let crossTimer = 0;
 overlayCanvas.addEventListener("pointermove", (event) => {
   moveCursor(event);
+  clearTimeout(crossTimer); // the coronal and sagittal views go through where the pointer rests
+  const [x, y] = voxelAt(event);
+  crossTimer = setTimeout(() => setCross(x, y), 250);
   const stroke = S.stroke;
   if (!stroke || stroke.k !== S.k) return;
   const plane = S.labels.get(stroke.k);
@@ -338,7 +375,7 @@ function updateEdited(k) {
   else S.edited.delete(k);
   const list = $("edited");
   const ks = [...S.edited].sort((a, b) => a - b);
-  list.replaceChildren(...(ks.length ? ks.map((kk) => el("button", { type: "button", class: "chip", onclick: () => show(kk) }, String(kk))) : ["none"]));
+  list.replaceChildren(...(ks.length ? ks.map((kk) => el("button", { type: "button", class: "chip", onclick: () => show(kk) }, String(kk + 1))) : ["none"]));
   list.classList.toggle("muted", !ks.length);
   $("undo").disabled = !S.undo.length;
   $("redo").disabled = !S.redo.length;
@@ -433,6 +470,7 @@ function setWindow(center, width) {
   const img = S.images.get(S.k);
   if (img) renderImage(img);
   hud();
+  loadReformats();
 }
 
 for (const input of document.querySelectorAll("input[name=tool]")) input.addEventListener("change", () => setTool(input.value));
@@ -445,16 +483,18 @@ for (const id of ["wc", "ww"]) $(id).addEventListener("change", () => setWindow(
 $("opacity").addEventListener("input", () => {
   S.opacity = Number($("opacity").value) / 100;
   buildColorLut();
-  renderOverlay(S.labels.get(S.k));
+  renderOverlay(shownPlane(S.k));
+  loadReformats();
 });
 $("show-overlay").addEventListener("change", () => {
   S.showOverlay = $("show-overlay").checked;
-  renderOverlay(S.labels.get(S.k));
+  renderOverlay(shownPlane(S.k));
 });
 $("slider").addEventListener("input", (event) => show(Number($("slider").value), event.timeStamp));
 $("undo").addEventListener("click", undo);
 $("redo").addEventListener("click", redo);
 $("save").addEventListener("click", save);
+$("compare-toggle").addEventListener("click", toggleCompare);
 $("strip").addEventListener("click", (event) => {
   const r = $("strip").getBoundingClientRect();
   show(Math.floor(((event.clientX - r.left) / r.width) * S.n), event.timeStamp);
@@ -490,6 +530,7 @@ document.addEventListener("keydown", (event) => {
   else if (key === "[") setSize(S.size - 1);
   else if (key === "]") setSize(S.size + 1);
   else if (key === "o" || key === "O") { $("show-overlay").click(); }
+  else if (key === "t" || key === "T") { toggleCompare(); }
   else if (/^[1-9]$/.test(key)) {
     const c = [...S.classes.values()][Number(key) - 1];
     if (c) selectLabel(c.id);
@@ -547,8 +588,7 @@ async function save() {
     const custom = new Map([...S.classes].filter(([, c]) => c.custom));
     for (const c of result.classes) { S.classes.set(c.id, c); custom.delete(c.id); }
     renderLabels();
-    addHistory({ version: result.version, user: result.user, time: result.time, slices: result.slices.join(";"),
-                 labels: result.labels.join(";"), delivery: result.delivery });
+    addVersion(result);
     $("base").textContent = `${shortUid(series)} · labels: version ${result.version} by ${result.user}`;
     saveStatus(`Saved version ${result.version} (SEG ${shortUid(result.seg_uid)}), ${result.voxels_changed} voxel(s) ` +
                `on slice(s) ${result.slices.join(", ")}; ${result.delivery}.`, "ok");
@@ -561,11 +601,192 @@ async function save() {
   }
 }
 
-function addHistory(row) {
-  const text = `v${row.version} · ${row.user} · ${String(row.time).replace("T", " ").slice(0, 19)} · ` +
-    `slices ${row.slices.replaceAll(";", ", ")} · ${row.labels.replaceAll(";", ", ") || "-"}`;
-  const states = Object.entries(row.destinations || {}).map(([name, state]) => `${name}: ${state}`).join(", ");
-  $("history").prepend(el("li", { title: states || row.delivery || "" }, text));
+// --- versions -----------------------------------------------------------------------------------
+
+function when(time) {
+  return String(time || "").replace("T", " ").slice(0, 19);
+}
+
+function renderVersions() {
+  const details = new Map((S.info.history || []).map((row) => [row.version, row]));
+  const items = [...S.info.versions].reverse().map((v) => {
+    const row = details.get(v.version);
+    const who = v.source === "engine" ? `engine (job ${v.job_id})` : v.user;
+    const title = row ? `slices ${row.slices.split(";").map((k) => Number(k) + 1).join(", ")} · ` +
+      `${row.labels.replaceAll(";", ", ") || "-"} · ${row.delivery}` : v.base || "";
+    return el("li", { class: [v.current ? "current" : "", S.compare === v.version ? "compared" : ""].join(" ").trim(),
+                      dataset: { version: v.version }, title },
+      el("b", { text: `v${v.version}` }), el("span", { text: `${who} · ${when(v.time)}` }),
+      v.current ? el("span", { class: "badge state-done", text: "current" }) : [
+        el("button", { type: "button", class: "compare", onclick: () => startCompare(v.version) },
+          S.compare === v.version && S.viewing === "compare" ? "Showing" : "Compare"),
+        el("button", { type: "button", class: "make-current", onclick: () => makeCurrent(v.version) }, "Make current")]);
+  });
+  $("versions").replaceChildren(...(items.length ? items : [el("li", { class: "muted", text: "no version yet" })]));
+  const toggle = $("compare-toggle");
+  toggle.disabled = S.compare === null;
+  toggle.textContent = S.compare === null ? "Compare" :
+    S.viewing === "compare" ? `Back to v${S.info.version}` : `Show v${S.compare}`;
+  $("compare-status").textContent = S.compare === null ? "" :
+    S.viewing === "compare" ? `showing v${S.compare}, read-only` : `editing v${S.info.version}`;
+  document.body.dataset.viewing = S.viewing === "compare" ? String(S.compare) : String(S.info.version);
+}
+
+// A new current version (a save or a version made current again) joins the list.
+function addVersion(result) {
+  for (const v of S.info.versions) v.current = false;
+  S.info.versions.push({ version: result.version, source: "correction", user: result.user, time: result.time,
+                         base: result.base || "", current: true });
+  S.info.history = [...(S.info.history || []), { version: result.version, slices: result.slices.join(";"),
+                                                 labels: result.labels.join(";"), delivery: result.delivery }];
+  if (S.compare === result.version) S.compare = null;
+  renderVersions();
+  loadReformats();
+}
+
+function setViewing(viewing) {
+  if (S.stroke) endStroke();
+  S.viewing = viewing;
+  renderVersions();
+  loadReformats();
+  show(S.k);
+}
+
+function startCompare(version) {
+  if (S.compare !== version) {
+    S.compare = version;
+    S.compareLabels = new Map();
+  }
+  setViewing("compare");
+}
+
+function toggleCompare() {
+  if (S.compare === null) return;
+  setViewing(S.viewing === "compare" ? "current" : "compare");
+}
+
+async function makeCurrent(version) {
+  if (S.edited.size) {
+    saveStatus(`Save or undo your edits first: making version ${version} current would set them aside.`, "error");
+    return;
+  }
+  if (!S.canSave) {
+    saveStatus("Sign in to make a version current: every version is attributed to a user.", "error");
+    return;
+  }
+  saveStatus(`making version ${version} current…`);
+  try {
+    const result = await api(`/api/edit/${series}/restore`, { method: "POST", json: { version, base_version: S.info.version } });
+    S.info.version = result.version;
+    S.info.labels_token = result.labels_token;
+    S.classes = new Map(result.classes.map((c) => [c.id, c]));
+    S.labels = new Map();
+    S.original.clear();
+    S.undo = [];
+    S.redo = [];
+    S.viewing = "current";
+    buildColorLut();
+    renderLabels();
+    const info = await api(`/api/edit/${series}`); // the versions, their details and the labelled slices now
+    S.info.versions = info.versions;
+    S.info.history = info.history;
+    S.labelled = new Set(info.labelled_slices);
+    if (S.compare === result.version) S.compare = null;
+    renderVersions();
+    loadReformats();
+    $("base").textContent = `${shortUid(series)} · labels: version ${result.version} by ${result.user}`;
+    saveStatus(`Version ${version} is current again as version ${result.version} (SEG ${shortUid(result.seg_uid)}); ` +
+               `${result.delivery}.`, "ok");
+    document.body.dataset.saved = String(result.version);
+    await show(S.k);
+  } catch (e) {
+    saveStatus(`Not made current: ${e.message}`, "error");
+  }
+}
+
+// --- coronal and sagittal views ---------------------------------------------------------------------
+
+const reformats = {
+  coronal: { canvas: $("coronal"), image: null, firstAtBottom: false, seq: 0 },
+  sagittal: { canvas: $("sagittal"), image: null, firstAtBottom: false, seq: 0 },
+};
+
+function setCross(i, j) {
+  if (!S.info || i < 0 || j < 0 || i >= S.cols || j >= S.rows) return;
+  if (S.cross.i === i && S.cross.j === j) return;
+  S.cross = { i, j };
+  loadReformats();
+}
+
+let reformatTimer = 0;
+function loadReformats() {
+  if (!S.info) return;
+  clearTimeout(reformatTimer);
+  reformatTimer = setTimeout(() => {
+    for (const [axis, index] of [["coronal", S.cross.j], ["sagittal", S.cross.i]]) loadReformat(axis, index);
+  }, 60);
+}
+
+async function loadReformat(axis, index) {
+  const view = reformats[axis];
+  const seq = ++view.seq;
+  const version = S.viewing === "compare" ? S.compare : S.info.version;
+  const { center, width } = S.window;
+  const opacity = S.showOverlay ? S.opacity : 0;
+  try {
+    const response = await api(`/api/edit/${series}/view/${axis}/${index}?center=${center}&width=${width}` +
+                               `&opacity=${opacity}&v=${version}`, { raw: true });
+    const bitmap = await createImageBitmap(await response.blob());
+    if (seq !== view.seq) return;
+    view.image = bitmap;
+    view.firstAtBottom = response.headers.get("x-first-slice") === "bottom";
+    view.index = index;
+    view.canvas.width = bitmap.width;
+    view.canvas.height = bitmap.height;
+    fitReformat(axis);
+    $(`${axis}-caption`).textContent = `${axis} · ${axis === "coronal" ? "row" : "column"} ${index + 1} · v${version}`;
+    drawReformat(axis);
+    document.body.dataset[axis] = `${index}:${version}`;
+  } catch (e) {
+    if (seq === view.seq) $(`${axis}-caption`).textContent = `${axis}: ${e.message}`;
+  }
+}
+
+// The view as large as its box allows, in millimetres' proportions (columns x slice spacing).
+function fitReformat(axis) {
+  const view = reformats[axis];
+  if (!view.image) return;
+  const [sx, sy, sz] = S.info.spacing;
+  const w = view.canvas.width * (axis === "coronal" ? sx : sy);
+  const h = view.canvas.height * sz;
+  const box = view.canvas.parentElement.getBoundingClientRect();
+  const scale = Math.max(0.01, Math.min((box.width - 8) / w, (box.height - 24) / h));
+  view.canvas.style.width = `${Math.floor(w * scale)}px`;
+  view.canvas.style.height = `${Math.floor(h * scale)}px`;
+}
+
+function drawReformat(axis) {
+  const view = reformats[axis];
+  if (!view.image) return;
+  const ctx = view.canvas.getContext("2d");
+  ctx.drawImage(view.image, 0, 0);
+  const row = view.firstAtBottom ? S.n - 1 - S.k : S.k;
+  ctx.fillStyle = "rgba(63, 169, 255, 0.8)";
+  ctx.fillRect(0, row, view.canvas.width, 1);
+}
+
+function drawReformats() {
+  drawReformat("coronal");
+  drawReformat("sagittal");
+}
+
+for (const [axis, view] of Object.entries(reformats)) {
+  view.canvas.addEventListener("click", (event) => {
+    if (!view.image) return;
+    const r = view.canvas.getBoundingClientRect();
+    const row = Math.floor(((event.clientY - r.top) / r.height) * view.canvas.height);
+    show(view.firstAtBottom ? S.n - 1 - row : row, event.timeStamp);
+  });
 }
 
 window.addEventListener("beforeunload", (event) => {
@@ -589,6 +810,7 @@ async function open() {
   S.n = info.slices;
   S.rows = info.rows;
   S.cols = info.columns;
+  S.cross = { i: Math.floor(S.cols / 2), j: Math.floor(S.rows / 2) };
   S.labelled = new Set(info.labelled_slices);
   S.canSave = info.can_save;
   S.classes = new Map(info.classes.map((c) => [c.id, c]));
@@ -602,7 +824,7 @@ async function open() {
   setWindow(info.presets[0].center, info.presets[0].width);
   buildColorLut();
   renderLabels();
-  for (const row of info.history) addHistory(row);
+  renderVersions();
   for (const canvas of [imageCanvas, overlayCanvas]) {
     canvas.width = S.cols;
     canvas.height = S.rows;
