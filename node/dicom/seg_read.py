@@ -19,7 +19,8 @@ one, writes a new FrameOfReferenceUID). Where segments overlap, the later segmen
 the SegmentSequence) wins in :func:`read_seg`, and the overlap is reported in the notes.
 
 Label ids: the private label id that segnode writes (:data:`node.dicom.seg_write.PRIVATE_CREATOR`), else
-the segment number (which is the pixel value of a LABELMAP SEG).
+the segment number (in a LABELMAP SEG, the pixel value is the segment number, mapped to the label id
+like any other segment's).
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ def _label_id(item: Dataset) -> int | None:
         return None
 
 
-def _segment(item: Dataset, number: int, labelmap: bool) -> Segment:
+def _segment(item: Dataset, number: int) -> Segment:
     type_seq = item.get("SegmentedPropertyTypeCodeSequence")
     region_seq = item.get("AnatomicRegionSequence")
     type_modifier = type_seq[0].get("SegmentedPropertyTypeModifierCodeSequence") if type_seq else None
@@ -167,7 +168,7 @@ def _segment(item: Dataset, number: int, labelmap: bool) -> Segment:
     return Segment(
         number=number,
         label=str(item.get("SegmentLabel") or f"segment_{number}"),
-        label_id=(_label_id(item) or number) if not labelmap else number,
+        label_id=_label_id(item) or number,
         category=_code(item.get("SegmentedPropertyCategoryCodeSequence")),
         type=_code(type_seq),
         type_modifier=_code(type_modifier),
@@ -271,7 +272,7 @@ def parse_seg(seg: Path | str | Dataset) -> ParsedSeg:
                         "SegmentLabel", "SegmentAlgorithmType"):
             if not item.get(keyword):
                 lacking.setdefault(keyword, []).append(number)
-        segments[number] = _segment(item, number, labelmap)
+        segments[number] = _segment(item, number)
     for keyword, numbers in lacking.items():
         notes.append(f"segment(s) {numbers} lack {keyword}")
 

@@ -19,10 +19,19 @@ and memory (``tests/bench/bench_seg.py``).
 
 Conventions of the objects written (see also :class:`SegOptions`):
 
-* BINARY by default (what OHIF 3 shows); LABELMAP (Label Map Segmentation Storage) on request,
-  natively or RLE compressed. Segments that are empty are not described; empty frames are omitted;
-  frames always have the source's full size (no cropping).
-* Segment numbers are 1..N in ascending label id for BINARY, the label ids themselves for LABELMAP.
+* ``AUTO`` by default (:func:`choose_type`): BINARY, except LABELMAP (Label Map Segmentation Storage)
+  where BINARY frames would not start on a byte boundary (Rows x Columns not a multiple of 8: OHIF 3.13.2
+  cannot show those) or where LABELMAP's pixel data is at most a quarter of BINARY's (many segments per
+  plane, e.g. TotalSegmentator's 117 classes). Either type on request; LABELMAP natively or RLE
+  compressed. Segments that are empty are not described; empty frames are omitted; frames always have
+  the source's full size (no cropping).
+* Segment numbers are 1..N in ascending label id, for LABELMAP too (its pixel values are the segment
+  numbers). A LABELMAP's background is pixel value 0: Pixel Padding Value 0 and a "Background" segment
+  0 (highdicom's; every pixel value of a LABELMAP must be described, PS3.3 C.8.20.2.3.3), whose item
+  comes LAST in the SegmentSequence. OHIF 3.13.2's adapter (like 3D Slicer before dcmqi 1.5.5) takes
+  the n-th item as pixel value n: with highdicom's order (background first) every colour was shifted
+  by one. With items 1..N first, positional and numeric readers agree; OHIF still lists the background
+  item as a segment "0 Background" (drawn with nothing: pixel value 0 is its transparent entry).
   Each segment carries its label id in the private element (0063,xx01) US of private creator
   ``segnode`` (:data:`PRIVATE_CREATOR`), so the reader gives the same ids back.
 * The source's patient and study modules (:mod:`node.dicom.modules`): every Type 2 attribute present,
@@ -42,7 +51,7 @@ import copy
 import io
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -89,9 +98,10 @@ class SegOptions:
     """How a SEG is written. ``from_mapping`` takes the same keys (``type`` for ``segmentation_type``)
     from a rule's or request's ``stage_options["seg"]``."""
 
-    #: ``BINARY`` (one frame per segment and plane) or ``LABELMAP`` (one frame per plane, PS3.3 A.51a).
-    segmentation_type: str = "BINARY"
-    #: LABELMAP only: ``None`` (native) or ``"RLE"`` (RLE Lossless).
+    #: ``BINARY`` (one frame per segment and plane), ``LABELMAP`` (one frame per plane, PS3.3 A.51a) or
+    #: ``AUTO`` (:func:`choose_type` picks one for the labels).
+    segmentation_type: str = "AUTO"
+    #: LABELMAP only: ``None`` (native) or ``"RLE"`` (RLE Lossless; with ``AUTO``, means LABELMAP).
     compression: str | None = None
     #: 1 for a first result; n > 1 for the n-th result that supersedes earlier ones (new series).
     version: int = 1
@@ -121,13 +131,15 @@ class SegOptions:
     def __post_init__(self) -> None:
         kind = self.segmentation_type.upper()
         object.__setattr__(self, "segmentation_type", kind)
-        if kind not in ("BINARY", "LABELMAP"):
-            raise SegError("bad_option", f"segmentation type must be BINARY or LABELMAP, got {kind!r}")
+        if kind not in ("AUTO", "BINARY", "LABELMAP"):
+            raise SegError("bad_option", f"segmentation type must be AUTO, BINARY or LABELMAP, got {kind!r}")
         compression = (self.compression or "").upper() or None
         object.__setattr__(self, "compression", compression)
         if compression not in (None, "RLE"):
             raise SegError("bad_option", f"compression must be RLE or none, got {self.compression!r}")
-        if compression and kind != "LABELMAP":
+        if compression and kind == "AUTO":
+            object.__setattr__(self, "segmentation_type", "LABELMAP")
+        elif compression and kind != "LABELMAP":
             raise SegError("bad_option", "BINARY frames are bit-packed; RLE is offered for LABELMAP only")
         if int(self.version) < 1:
             raise SegError("bad_option", f"version must be 1 or more, got {self.version}")
@@ -364,9 +376,36 @@ def _segments(labels: LabelVolume, options: SegOptions) -> tuple[list[int], list
     descriptions = []
     for n, label_id in enumerate(ids, 1):
         label_class = labels.classes.get(label_id) or LabelClass(label_id, f"label_{label_id}")
-        number = label_id if options.segmentation_type == "LABELMAP" else n
-        descriptions.append(segment_description(number, label_class, options))
+        descriptions.append(segment_description(n, label_class, options))
     return ids, descriptions, boxes
+
+
+# --- BINARY or LABELMAP --------------------------------------------------------------------------
+
+#: ``AUTO`` takes LABELMAP where its pixel data is at most this fraction of BINARY's. The Label Map
+#: Segmentation SOP class is new (2024): archives and viewers that predate it may refuse it, so it is
+#: taken where it saves most (~ 32 or more segments per plane), not wherever it is a little smaller.
+LABELMAP_SIZE_RATIO = 0.25
+
+
+def choose_type(labels: LabelVolume, ids: Sequence[int], boxes: Sequence[Any]) -> str:
+    """BINARY or LABELMAP for ``AUTO`` (see the module docstring).
+
+    LABELMAP where Rows x Columns is not a multiple of 8: BINARY frames are packed without padding
+    (PS3.5 8.1.1), so such frames start inside a byte, and OHIF 3.13.2 cannot show them (an odd byte
+    count fails its whole-instance fetch; Orthanc 1.10 refuses it the single frames; where it loads,
+    the masks are sheared). LABELMAP frames are whole 8- or 16-bit pixels, a conformant encoding of
+    the same non-overlapping labels. Else LABELMAP where its pixel data is at most
+    :data:`LABELMAP_SIZE_RATIO` of BINARY's, BINARY's frame count taken from each segment's slab of
+    slices (an upper bound: organs are seldom split along the slice axis).
+    """
+    rows, cols = labels.array.shape[1:]
+    if (rows * cols) % 8:
+        return "LABELMAP"
+    binary_bytes = sum(boxes[i - 1][0].stop - boxes[i - 1][0].start for i in ids) * rows * cols / 8
+    planes = int(np.count_nonzero(np.any(labels.array, axis=(1, 2))))
+    labelmap_bytes = planes * rows * cols * (1 if len(ids) < 256 else 2)
+    return "LABELMAP" if labelmap_bytes <= LABELMAP_SIZE_RATIO * binary_bytes else "BINARY"
 
 
 # --- the SEG -------------------------------------------------------------------------------------
@@ -447,9 +486,23 @@ def _reference_seg(labels: LabelVolume, datasets: list[Dataset], planes: list[_P
     lut[ids] = numbers
     dtype = np.uint8 if max(numbers) < 256 else np.uint16
     pixels = lut[labels.array[[p.k for p in planes]]].astype(dtype)
-    return _with_type2(hd.seg.Segmentation(
+    return _background_last(_with_type2(hd.seg.Segmentation(
         source_images=datasets, pixel_array=pixels, segmentation_type=options.segmentation_type,
-        segment_descriptions=descriptions, **_highdicom_kwargs(datasets, options)))
+        segment_descriptions=descriptions, **_highdicom_kwargs(datasets, options))))
+
+
+def _background_last(seg: Dataset) -> Dataset:
+    """A LABELMAP's SegmentSequence with highdicom's "Background" item (segment 0, the Pixel Padding
+    Value) moved after the structures', so that the n-th item is segment n, as positional readers
+    (OHIF 3.13.2's adapter) assume. The item stays: every pixel value of a LABELMAP must be described
+    (PS3.3 C.8.20.2.3.3), the background's too."""
+    if str(seg.get("SegmentationType", "")) == "LABELMAP":
+        items = list(seg.SegmentSequence)
+        background = [item for item in items if int(item.SegmentNumber) == 0]
+        if len(background) != 1 or int(seg.get("PixelPaddingValue", -1)) != 0:
+            raise SegError("internal", "highdicom's LABELMAP has no background segment 0")
+        seg.SegmentSequence = [item for item in items if int(item.SegmentNumber) != 0] + background
+    return seg
 
 
 def _with_type2(seg: Dataset) -> Dataset:
@@ -497,6 +550,8 @@ def _write(labels: LabelVolume, source: Sequence[Dataset] | Path | str, fp: Any,
     # attribute (empty where the source has none), so that anonymised series get their SEG too.
     datasets = [with_patient_study(datasets[0]), *datasets[1:]]
     ids, descriptions, boxes = _segments(labels, options)
+    if options.segmentation_type == "AUTO":
+        options = replace(options, segmentation_type=choose_type(labels, ids, boxes))
     if options.fast:
         try:
             _FastSeg(labels, datasets, planes, ids, descriptions, boxes, options).write(fp)
@@ -586,7 +641,7 @@ class _FastSeg:
 
         del seg.PerFrameFunctionalGroupsSequence
         del seg.PixelData
-        _with_type2(seg)
+        _background_last(_with_type2(seg))
         seg.NumberOfFrames = n_frames
         positions = [p.position.tolist() for p in self.planes]
         measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
@@ -729,7 +784,9 @@ class _FastSeg:
         numbers = [int(d.SegmentNumber) for d in self.descriptions]
         dtype = np.uint8 if max(numbers) < 256 else np.uint16
         frames = [(None, p) for p in self.sorted_planes]
-        pixels = self.labels.array[[self.planes[p].k for p in self.sorted_planes]].astype(dtype)
+        lut = np.zeros(max(self.ids) + 1, dtype)  # label id -> segment number (1..N)
+        lut[self.ids] = numbers
+        pixels = lut[self.labels.array[[self.planes[p].k for p in self.sorted_planes]]]
         if transfer_syntax != RLELossless:
             return frames, pixels
         bits = np.iinfo(dtype).bits

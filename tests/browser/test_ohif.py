@@ -5,12 +5,15 @@ OHIF is npm ``@ohif/app`` 3.13.2's prebuilt ``dist/`` (``scripts/setup.sh`` fetc
 ``app-config.js`` and a same-origin proxy to a real Orthanc's DICOMweb, Basic credentials added by the
 proxy. Headless Debian Chromium draws OHIF's WebGL with SwiftShader.
 
-The module's study goes the node's real way: the TINY phantom's CT series, the pipeline with the
-``labelmap`` engine fed the phantom's exact labels, the ``seg`` output (BINARY, node/dicom/seg_write.py);
-CT and SEG stored into Orthanc. In OHIF the SEG is opened as a user does (double-click its thumbnail,
-confirm the prompt), then read through ``window.services`` (OHIF's services) and ``window.cornerstone``.
+Each case's study goes the node's real way: a phantom's CT series, the pipeline with the ``labelmap``
+engine fed the phantom's exact labels, the ``seg`` output (node/dicom/seg_write.py); CT and SEG stored
+into one Orthanc. The cases (:data:`CASES`): the TINY phantom's SEG as the node writes it (BINARY) and as
+a LABELMAP, and the node's SEG on grids whose frames are not whole bytes (291 x 227 and 127 x 127, where
+the node writes LABELMAP by itself). In OHIF, one page for all cases, each SEG is opened as a user does
+(double-click its thumbnail, confirm the prompt), then read through ``window.services`` (OHIF's
+services) and ``window.cornerstone``.
 
-Screenshots: ``test-output/browser/ohif-*.png``.
+Screenshots: ``test-output/browser/ohif-<case>-*.png``.
 """
 
 from __future__ import annotations
@@ -28,11 +31,12 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 from node.dicom.codes import cielab_to_rgb
 from node.dicom.seg import parse_seg
 from node.nifti import read_nifti
-from node.phantom import CLASSES
+from node.phantom import CLASSES, TINY, PhantomSpec
 from node.volume import Volume
 from node.web.viewer import DEFAULT_DIST, OHIF_VERSION, create_viewer_app
 from tests.integration.test_outbox import PASSWORD, USER, SecureOrthanc
@@ -91,8 +95,29 @@ const colorOf = n => s.segmentationService.getSegmentColor(viewportId, segmentat
 """
 
 
+@dataclass(frozen=True)
+class Case:
+    name: str
+    spec: PhantomSpec
+    #: The rule's ``stage_options["seg"]`` (none: the node's defaults).
+    seg_options: dict[str, Any]
+    #: The SegmentationType the node writes.
+    kind: str
+
+
+CASES = [
+    Case("binary", TINY, {}, "BINARY"),
+    Case("labelmap", TINY, {"type": "LABELMAP", "series_description": "segnode SEG LABELMAP"}, "LABELMAP"),
+    # Rows x Columns not a multiple of 8: the node writes LABELMAP by itself (BINARY frames would start
+    # inside a byte: OHIF fails to load 291 x 227 and shears 127 x 127).
+    Case("291x227", PhantomSpec(size=(227, 291, 40), spacing=(0.9, 0.7, 6.0), seed=1), {}, "LABELMAP"),
+    Case("127x127", PhantomSpec(size=(127, 127, 40), spacing=(1.6, 1.6, 6.0), seed=2), {}, "LABELMAP"),
+]
+
+
 @dataclass
 class Study:
+    case: Case
     uid: str
     seg_path: Path
     seg: pydicom.Dataset
@@ -106,6 +131,7 @@ class Study:
 
 @dataclass
 class Viewer:
+    study: Study
     page: Any
     problems: list[str]
 
@@ -120,33 +146,45 @@ def ohif_dist() -> Path:
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory: pytest.TempPathFactory, ohif_dist: Path, _exiting_servers) -> Iterator[Study]:
+def studies(tmp_path_factory: pytest.TempPathFactory, ohif_dist: Path,
+            _exiting_servers) -> Iterator[dict[str, Study]]:
+    """Every case's CT and SEG in one Orthanc, behind one ``segnode viewer`` app."""
     tmp = tmp_path_factory.mktemp("ohif")
-    phantom, run = phantom_seg(tmp)
-    seg_path = run.paths["seg"]
-    parsed = parse_seg(seg_path)
-    assert parsed.segmentation_type == "BINARY"
-    numbers = np.zeros(65536, np.uint8)
-    for segment in parsed.segments.values():
-        numbers[segment.label_id] = segment.number
-    truth = read_nifti(phantom["labels"]).array
-    assert np.array_equal(run.labels.array, truth)
+    made = []
+    for case in CASES:
+        phantom, run = phantom_seg(tmp / case.name, case.spec, case.seg_options)
+        seg_path = run.paths["seg"]
+        parsed = parse_seg(seg_path)
+        assert parsed.segmentation_type == case.kind, case.name
+        numbers = np.zeros(65536, np.uint16)
+        for segment in parsed.segments.values():
+            numbers[segment.label_id] = segment.number
+        truth = read_nifti(phantom["labels"]).array
+        assert np.array_equal(run.labels.array, truth)
+        made.append((case, phantom, seg_path, run, truth, numbers))
     orthanc = SecureOrthanc(workdir=tmp / "orthanc")
     orthanc.start()
     try:
-        for path in [*sorted(phantom["dicom"].glob("*.dcm")), seg_path]:
-            orthanc.rest_post("/instances", path.read_bytes())
-        seg = pydicom.dcmread(seg_path, stop_before_pixels=True)
+        for _, phantom, seg_path, *_ in made:
+            for path in [*sorted(phantom["dicom"].glob("*.dcm")), seg_path]:
+                orthanc.rest_post("/instances", path.read_bytes())
         app = create_viewer_app(ohif_dist, orthanc.dicomweb_url, username=USER, password=PASSWORD)
         with serve_in_thread(app) as url:
-            yield Study(str(seg.StudyInstanceUID), seg_path, seg, run.ct, truth, numbers, url)
+            out = {}
+            for case, _, seg_path, run, truth, numbers in made:
+                seg = pydicom.dcmread(seg_path, stop_before_pixels=True)
+                out[case.name] = Study(case, str(seg.StudyInstanceUID), seg_path, seg, run.ct, truth, numbers,
+                                       url)
+            assert len({study.uid for study in out.values()}) == 3  # the TINY cases share their study
+            yield out
     finally:
         _exiting_servers.add(orthanc)
 
 
 @pytest.fixture(scope="module")
-def viewer(study: Study, webgl_browser_context, screenshots: Path) -> Iterator[Viewer]:
-    """OHIF on the study with the SEG opened the way a user opens it."""
+def page(studies: dict[str, Study], webgl_browser_context) -> Iterator[tuple[Any, list[str]]]:
+    """One OHIF page for every case, and what went wrong on it (cleared per case)."""
+    origin = next(iter(studies.values())).viewer
     page = webgl_browser_context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     problems: list[str] = []
@@ -154,7 +192,7 @@ def viewer(study: Study, webgl_browser_context, screenshots: Path) -> Iterator[V
     page.on("console", lambda msg: msg.type == "error" and problems.append(f"console error: {msg.text}"))
 
     def only_the_viewer(route) -> None:  # nothing may leave the viewer's origin (it proxies Orthanc)
-        if route.request.url.startswith(study.viewer + "/"):
+        if route.request.url.startswith(origin + "/"):
             route.continue_()
         else:
             problems.append(f"request off the viewer's origin: {route.request.url}")
@@ -162,13 +200,26 @@ def viewer(study: Study, webgl_browser_context, screenshots: Path) -> Iterator[V
 
     page.route("**/*", only_the_viewer)
     page.add_init_script(RECORDER)
+    try:
+        yield page, problems
+    finally:
+        page.close()
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[case.name for case in CASES])
+def viewer(request, studies: dict[str, Study], page, screenshots: Path) -> Viewer:
+    """OHIF on the case's study with its SEG opened the way a user opens it."""
+    study = studies[request.param.name]
+    page, problems = page
+    problems.clear()
     page.goto(f"{study.viewer}/viewer?StudyInstanceUIDs={study.uid}")
     page.wait_for_function(f"() => {{ try {{ {VIEWPORT_JS} return !!viewport.getCurrentImageId(); }} "
                            "catch (e) { return false; } }")
-    page.screenshot(path=screenshots / "ohif-ct.png")
+    page.screenshot(path=screenshots / f"ohif-{study.case.name}-ct.png")
 
     thumbnail = page.locator("[data-cy^=study-browser-thumbnail]").filter(
-        has=page.locator("[data-cy=series-modality-label]", has_text="SEG"))
+        has=page.locator("[data-cy=series-modality-label]", has_text="SEG")).filter(
+        has=page.get_by_text(str(study.seg.SeriesDescription), exact=True))
     description = thumbnail.locator("[data-cy=series-description-label]").inner_text()
     assert description == str(study.seg.SeriesDescription)
     thumbnail.dblclick()
@@ -179,11 +230,8 @@ def viewer(study: Study, webgl_browser_context, screenshots: Path) -> Iterator[V
         return s.segmentationService.getSegmentationRepresentations(viewportId).length === 1
                && labelmap.imageIds.every(id => cs.cache.getImage(id));
         }} catch (e) {{ return false; }} }}""")
-    page.screenshot(path=screenshots / "ohif-seg-opened.png")
-    try:
-        yield Viewer(page, problems)
-    finally:
-        page.close()
+    page.screenshot(path=screenshots / f"ohif-{study.case.name}-seg-opened.png")
+    return Viewer(study, page, problems)
 
 
 def seg_segments(seg: pydicom.Dataset) -> dict[int, tuple[str, tuple[int, int, int]]]:
@@ -195,12 +243,21 @@ def seg_segments(seg: pydicom.Dataset) -> dict[int, tuple[str, tuple[int, int, i
     return segments
 
 
-def test_every_segment_is_listed_with_its_label_and_colour(study: Study, viewer: Viewer, screenshots) -> None:
-    page = viewer.page
+def test_every_segment_is_listed_with_its_label_and_colour(viewer: Viewer, screenshots) -> None:
+    page, study = viewer.page, viewer.study
     expected = seg_segments(study.seg)
-    assert len(expected) == len(np.unique(study.truth)) - 1 == 21
+    if study.case.kind == "LABELMAP":
+        # The background (pixel value 0) is described, by the last item (every LABELMAP pixel value must
+        # be, PS3.3 C.8.20.2.3.3); OHIF lists it, with pixel value 0's colour: none, nothing is drawn.
+        assert [int(item.SegmentNumber) for item in study.seg.SegmentSequence][-1] == 0
+        assert expected.pop(0) == ("Background", (0, 0, 0))
+        background = {0: ("Background", (0, 0, 0, 0))}
+    else:
+        background = {}
+    assert sorted(expected) == list(range(1, 22)) and len(np.unique(study.truth)) - 1 == 21
     for label, rgb in expected.values():  # the SEG's colours are the classes' own (no round-trip drift)
         assert rgb == next(c.color for c in CLASSES.values() if c.name == label), label
+    expected_rgba = {n: (label, (*rgb, 255)) for n, (label, rgb) in expected.items()} | background
 
     # OHIF's segmentation service: one segmentation, the SEG's series, every segment and its colour.
     state = page.evaluate(f"""() => {{ {VIEWPORT_JS}
@@ -209,26 +266,27 @@ def test_every_segment_is_listed_with_its_label_and_colour(study: Study, viewer:
                                                                           colorOf(x.segmentIndex)])}};
     }}""")
     assert (state["count"], state["label"]) == (1, str(study.seg.SeriesDescription))
-    listed = {index: (label, tuple(color[:3])) for index, label, color in state["segments"]}
-    assert listed == expected
-    assert all(color[3] == 255 for _, _, color in state["segments"])
+    listed = {index: (label, tuple(color)) for index, label, color in state["segments"]}
+    assert listed == expected_rgba
 
     # The segmentation panel: one row per segment, its number, label and colour dot.
     page.locator("[data-cy=panelSegmentation-btn]").click()
     rows = page.locator("[data-cy=data-row]")
-    rows.nth(len(expected) - 1).wait_for()
+    rows.nth(len(expected_rgba) - 1).wait_for()
     shown = {}
     for row in rows.all():
         number = int(row.inner_text().split()[0])  # the row starts with the segment's number
         dot = row.locator("[data-cy=data-row-colorhex]").evaluate("e => getComputedStyle(e).backgroundColor")
-        rgb = tuple(int(v) for v in dot.removeprefix("rgb(").removesuffix(")").split(","))
-        shown[number] = (row.locator("[data-cy=data-row-title]").inner_text(), rgb)
-    assert shown == expected
-    page.screenshot(path=screenshots / "ohif-segments-panel.png")
+        values = [float(v) for v in dot.split("(")[1].rstrip(")").split(",")]  # rgb(r, g, b) or rgba(...)
+        rgba = (*(int(v) for v in values[:3]), round(255 * values[3]) if len(values) == 4 else 255)
+        shown[number] = (row.locator("[data-cy=data-row-title]").inner_text(), rgba)
+    # The panel's dot leaves out the alpha: the background's shows black (it colours no pixel).
+    assert shown == {n: (label, (*rgba[:3], 255)) for n, (label, rgba) in expected_rgba.items()}
+    page.screenshot(path=screenshots / f"ohif-{study.case.name}-segments-panel.png")
 
 
-def test_the_overlay_lands_on_the_right_slices_and_pixels(study: Study, viewer: Viewer, screenshots) -> None:
-    page = viewer.page
+def test_the_overlay_lands_on_the_right_slices_and_pixels(viewer: Viewer, screenshots) -> None:
+    page, study = viewer.page, viewer.study
     ct, uids = study.ct, list(study.ct.source.instance_uids)
     expected = study.numbers[study.truth]  # segment numbers, [k, j, i]
 
@@ -258,6 +316,7 @@ def test_the_overlay_lands_on_the_right_slices_and_pixels(study: Study, viewer: 
         const representation = s.segmentationService.getSegmentationRepresentations(viewportId)[0];
         const box = viewport.canvas.getBoundingClientRect();
         return {{shown: sopOf(viewport.getCurrentImageId()), fillAlpha: representation.styles.fillAlpha,
+                 outlineOpacity: representation.styles.outlineOpacity ?? 1,
                  colors: Object.fromEntries(Object.keys(segmentation.segments).map(n => [n, colorOf(n)])),
                  box: [box.x, box.y, box.width, box.height], ratio: window.devicePixelRatio,
                  points: centres.map(p => viewport.worldToCanvas(p))}}; }}""", [uids[k], centres])
@@ -268,20 +327,37 @@ def test_the_overlay_lands_on_the_right_slices_and_pixels(study: Study, viewer: 
     ct_only = settled_viewport(page, view["box"])
     set_visibility(page, True)
     assert np.array_equal(settled_viewport(page, view["box"]), with_seg)
-    Image.fromarray(with_seg).save(screenshots / f"ohif-seg-slice-{k}.png")
-    Image.fromarray(ct_only).save(screenshots / f"ohif-ct-slice-{k}.png")
+    Image.fromarray(with_seg).save(screenshots / f"ohif-{study.case.name}-seg-slice-{k}.png")
+    Image.fromarray(ct_only).save(screenshots / f"ohif-{study.case.name}-ct-slice-{k}.png")
 
     alpha = float(view["fillAlpha"])
     assert 0.2 <= alpha <= 0.8, alpha  # OHIF's default is 0.5: the fill must show, over visible CT
-    colors = np.zeros((256, 3))
-    for number, rgba in view["colors"].items():
-        colors[int(number)] = rgba[:3]
+    # Each segment's colour as the SEG itself recommends it (not OHIF's table: a table that had each
+    # segment's colour on the wrong pixel value would pass), and OHIF's table agrees.
+    colors = np.zeros((65536, 3))
+    for number, (_, rgb) in seg_segments(study.seg).items():
+        colors[number] = rgb
+        assert number == 0 or tuple(view["colors"][str(number)][:3]) == rgb, number
     xy = np.floor(np.array(view["points"])).astype(int)  # the pixel holding each voxel centre
     assert (xy >= 0).all() and (xy[:, 0] < with_seg.shape[1]).all() and (xy[:, 1] < with_seg.shape[0]).all()
     numbers = expected[k].reshape(-1)
     seen, grey = with_seg[xy[:, 1], xy[:, 0]].astype(float), ct_only[xy[:, 1], xy[:, 0]].astype(float)
     blend = np.where(numbers[:, None] > 0, (1 - alpha) * grey + alpha * colors[numbers], grey)
     wrong = np.abs(seen - blend).max(axis=1) > TOLERANCE
+    # OHIF draws each segment's outline (opaque, 3 screen pixels) along its edges inside it: where voxels
+    # are only 3-4 pixels wide on the screen (291 x 227), the centres of a segment's two outermost rings
+    # of voxels lie on its outline. Those show their own segment's colour, opaque; never a neighbour's
+    # (a one-voxel shift still fails).
+    plane = expected[k]
+    edges = np.zeros(plane.shape, bool)
+    edges[:, 1:] |= plane[:, 1:] != plane[:, :-1]
+    edges[:, :-1] |= plane[:, :-1] != plane[:, 1:]
+    edges[1:] |= plane[1:] != plane[:-1]
+    edges[:-1] |= plane[:-1] != plane[1:]
+    rings = ndimage.binary_dilation(edges, structure=np.ones((3, 3), bool)).reshape(-1)
+    outline = float(view["outlineOpacity"])
+    on_outline = np.abs(seen - ((1 - outline) * grey + outline * colors[numbers])).max(axis=1) <= TOLERANCE
+    wrong &= ~(rings & (numbers > 0) & on_outline)
     examples = [divmod(int(n), expected.shape[2])[::-1] for n in np.flatnonzero(wrong)[:5]]
     assert not wrong.any(), f"slice k={k}: {wrong.sum()} of {wrong.size} voxel centres off, (i, j) {examples}"
     # The check can tell: most segment voxels differ from the CT alone, and a one-voxel shift would fail.
@@ -290,14 +366,14 @@ def test_the_overlay_lands_on_the_right_slices_and_pixels(study: Study, viewer: 
     assert (expected[k][:, 1:] != expected[k][:, :-1]).sum() > 100
 
 
-def test_no_error_appears(study: Study, viewer: Viewer, screenshots) -> None:
+def test_no_error_appears(viewer: Viewer, screenshots) -> None:
     shown = viewer.page.evaluate("() => window.__segnodeShown")
     # The one thing OHIF showed: its question before opening the SEG (no error, no warning).
     assert [(x["service"], x["type"], x["message"]) for x in shown] == [
         ("uiViewportDialogService", "info", "Do you want to open this Segmentation?")], shown
     assert viewer.page.locator("[data-sonner-toast]").count() == 0
     assert viewer.problems == []
-    viewer.page.screenshot(path=screenshots / "ohif-final.png")
+    viewer.page.screenshot(path=screenshots / f"ohif-{viewer.study.case.name}-final.png")
 
 
 def set_visibility(page, visible: bool) -> None:

@@ -186,7 +186,9 @@ def oblique_segs(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, Pa
                           ("oblique LABELMAP RLE", SegOptions(segmentation_type="LABELMAP", compression="RLE",
                                                              content_creator="Doe^Jane"))):
         path = write_seg(labels, folder, tmp / f"{name.replace(' ', '-')}.dcm", options=options)
-        out.append((name, path, folder, labels, options.segmentation_type))
+        kind = str(pydicom.dcmread(path, stop_before_pixels=True).SegmentationType)
+        assert kind == name.split()[1], name  # AUTO: BINARY for these whole-byte frames, 21 segments
+        out.append((name, path, folder, labels, kind))
     return out
 
 
@@ -245,8 +247,8 @@ def test_dcmqi_segimage2itkimage_agrees(segs, oblique_segs, segimage2itkimage: P
 
         meta = json.loads((out / "meta.json").read_text())
         present = labels.present_ids()
-        # BINARY: segments 1..N in ascending label id; LABELMAP: the label ids themselves.
-        numbers = dict(zip(present, range(1, len(present) + 1))) if kind == "BINARY" else {i: i for i in present}
+        # Segments 1..N in ascending label id, LABELMAP too (no Background item: dcmqi lists none).
+        numbers = dict(zip(present, range(1, len(present) + 1)))
         attributes = [a for group in meta["segmentAttributes"] for a in group]
         assert sorted(a["labelID"] for a in attributes) == sorted(numbers.values()), name
         algorithm_type = str(ds.SegmentSequence[0].SegmentAlgorithmType)
@@ -264,7 +266,9 @@ def test_dcmqi_segimage2itkimage_agrees(segs, oblique_segs, segimage2itkimage: P
                                        labels.array.shape, name)
                 np.testing.assert_array_equal(full, np.where(labels.array == label_id, number, 0),
                                               err_msg=f"{name}: label {label_id}")
-        else:  # one image with every label id
+        else:  # one image with every segment number
             assert [p.name for p in images] == ["1.nrrd"], name
             full = _on_source_grid(sitk.ReadImage(str(images[0])), labels.geometry, labels.array.shape, name)
-            np.testing.assert_array_equal(full, labels.array, err_msg=name)
+            lut = np.zeros(int(labels.array.max()) + 1, np.uint16)
+            lut[list(numbers)] = list(numbers.values())
+            np.testing.assert_array_equal(full, lut[labels.array], err_msg=name)

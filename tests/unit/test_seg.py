@@ -226,6 +226,66 @@ def test_fast_path_writes_what_highdicom_writes(run, phantom, tmp_path) -> None:
         np.testing.assert_array_equal(read_seg(tmp_path / path, phantom["dicom"]).array, labels.array)
 
 
+def test_labelmap_numbers_segments_1_to_n_and_describes_its_background_last(run, phantom) -> None:
+    """Pixel value n is the n-th SegmentSequence item's segment n (OHIF's adapter reads the items by
+    position); the background, pixel value 0 (Pixel Padding Value), is described by the last item."""
+    labels = with_source(run)
+    ds = build_seg(labels, phantom["dicom"], options=SegOptions(segmentation_type="LABELMAP"))
+    ids = labels.present_ids()
+    assert (ds.SegmentationType, ds.PixelPaddingValue, ds.BitsAllocated) == ("LABELMAP", 0, 8)
+    items = list(ds.SegmentSequence)
+    assert [int(s.SegmentNumber) for s in items] == [*range(1, len(ids) + 1), 0]
+    assert [int(s[0x0063, 0x1001].value) for s in items[:-1]] == ids  # ascending label id
+    background = items[-1]
+    assert (background.SegmentLabel, background.SegmentedPropertyTypeCodeSequence[0].CodeValue) == (
+        "Background", "125040")  # DCM Background
+    numbers = np.zeros(max(ids) + 1, np.uint8)
+    numbers[ids] = range(1, len(ids) + 1)
+    k_of = {uid: k for k, uid in enumerate(labels.source.instance_uids)}
+    ks = [k_of[i.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID]
+          for i in ds.PerFrameFunctionalGroupsSequence]
+    assert sorted(ks) == list(range(labels.array.shape[0]))  # every slice holds a label
+    np.testing.assert_array_equal(ds.pixel_array, numbers[labels.array[ks]])
+    back = read_seg(ds, phantom["dicom"])
+    np.testing.assert_array_equal(back.array, labels.array)
+    assert {i: c.name for i, c in back.classes.items()} == {i: labels.classes[i].name for i in ids}
+
+
+def odd_grid_labels(rows: int, cols: int, n_classes: int, tmp_path: Path) -> tuple[LabelVolume, Path]:
+    """A CT series of ``rows`` x ``cols`` x 4 and labels with ``n_classes`` stripes on every slice."""
+    from node.dicom.writer import SeriesInfo, write_series
+    from node.volume import Geometry, Volume
+
+    ct = Volume(np.zeros((4, rows, cols), np.int16),
+                Geometry(origin=(0.0, 0.0, 0.0), spacing=(1.0, 1.0, 2.0)))
+    folder = tmp_path / f"ct-{rows}x{cols}"
+    write_series(ct, folder, SeriesInfo(uid_seed=f"odd grid {rows}x{cols}"))
+    ct = read_series(folder)
+    array = np.zeros(ct.array.shape, np.uint8)
+    for n in range(n_classes):
+        array[:, :, n * cols // n_classes: (n + 1) * cols // n_classes] = n + 1
+    array[:, :2] = 0
+    classes = {n: LabelClass(n, f"structure_{n}") for n in range(1, n_classes + 1)}
+    return LabelVolume(array, ct.geometry, source=ct.source, classes=classes), folder
+
+
+@pytest.mark.parametrize(("rows", "cols", "n_classes", "kind"), [
+    (64, 64, 3, "BINARY"),      # whole-byte frames, few segments per plane
+    (13, 7, 3, "LABELMAP"),     # 91 pixels: BINARY frames would start inside a byte
+    (127, 127, 3, "LABELMAP"),
+    (16, 40, 40, "LABELMAP"),   # 40 segments on every plane: LABELMAP is 1/5 of BINARY
+    (16, 40, 31, "BINARY"),     # 31: LABELMAP would be 8/31 of BINARY, over a quarter
+])
+def test_auto_takes_labelmap_for_unaligned_frames_and_many_segments(rows, cols, n_classes, kind,
+                                                                    tmp_path) -> None:
+    labels, folder = odd_grid_labels(rows, cols, n_classes, tmp_path)
+    ds = build_seg(labels, folder)
+    assert ds.SegmentationType == kind
+    np.testing.assert_array_equal(read_seg(ds, folder).array, labels.array)
+    forced = build_seg(labels, folder, options=SegOptions(segmentation_type="BINARY"))  # asked: as asked
+    assert forced.SegmentationType == "BINARY"
+
+
 @needs_data
 @pytest.mark.parametrize("source", ["image", "multiframe"])
 def test_fast_path_odd_sizes_and_multiframe_sources(source, tmp_path) -> None:
@@ -269,8 +329,11 @@ def test_writer_refuses_what_it_cannot_write(run, phantom, tmp_path) -> None:
     with pytest.raises(SegError, match="unknown SEG option"):
         SegOptions.from_mapping({"tpye": "BINARY"})
     with pytest.raises(SegError, match="RLE is offered for LABELMAP only"):
-        SegOptions(compression="rle")
+        SegOptions(segmentation_type="BINARY", compression="rle")
     assert SegOptions.from_mapping({"type": "labelmap", "compression": "rle"}).segmentation_type == "LABELMAP"
+    assert SegOptions(compression="rle").segmentation_type == "LABELMAP"  # AUTO with RLE: LABELMAP
+    with pytest.raises(SegError, match="must be AUTO, BINARY or LABELMAP"):
+        SegOptions(segmentation_type="FRACTIONAL")
 
 
 def test_superseding_version_is_a_new_series(run, phantom, tmp_path) -> None:
