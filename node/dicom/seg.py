@@ -105,7 +105,9 @@ def seg_output(ctx: PipelineContext) -> None:
         "SOPInstanceUID"])
     ctx.add_output("seg", path)
     ctx.record(
-        type=str(header.SegmentationType), segments=len(header.SegmentSequence),
+        # A LABELMAP's Background item (segment 0) is no structure.
+        type=str(header.SegmentationType),
+        segments=sum(int(item.SegmentNumber) != 0 for item in header.SegmentSequence),
         frames=int(header.NumberOfFrames), series_number=int(header.SeriesNumber), version=options.version,
         series_instance_uid=str(header.SeriesInstanceUID),
         sop_instance_uid=str(header.SOPInstanceUID), bytes=path.stat().st_size,
