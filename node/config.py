@@ -303,7 +303,8 @@ class ConfigSource:
     """The file the settings were read from (None: built-in defaults) and how it was found."""
 
     path: Path | None
-    #: ``--config``, ``SEGNODE_CONFIG``, ``./configs/node.toml``, ``/etc/segnode/node.toml``, ``none``, ``code``.
+    #: ``--config``, ``SEGNODE_CONFIG``, ``./configs/node.toml``, ``/etc/segnode/node.toml``, ``none``
+    #: or ``code``.
     how: str
     #: The ``SEGNODE_*`` setting variables that took part.
     variables: tuple[str, ...] = ()
@@ -459,8 +460,11 @@ def _describe(error: dict[str, Any], source: Path | None, environ: Mapping[str, 
     loc = tuple(error["loc"])
     key = ".".join(str(part) for part in loc)
     variable = _variable_of(loc, environ)
-    where = f"{variable} = {'********' if any(s in variable.lower() for s in _SECRET_PARTS) else repr(environ[variable])}" \
-        if variable is not None else str(source or "built-in defaults")
+    if variable is None:
+        where = str(source or "built-in defaults")
+    else:
+        secret = any(s in variable.lower() for s in _SECRET_PARTS)
+        where = f"{variable} = {'********' if secret else repr(environ[variable])}"
     if error["type"] == "extra_forbidden":
         model: type[BaseModel] | None = Settings
         for part in loc[:-1]:
@@ -508,8 +512,10 @@ def load_settings(path: Path | None = None, *, environment: bool = True) -> Sett
         raise ConfigError(f"{problems[0]}{more}") from None
     except SettingsError as exc:  # a variable pydantic-settings cannot parse (JSON for a table or list)
         section = str(exc).split('"')[1] if '"' in str(exc) else ""
-        named = [v for v in variables if v.upper().startswith(f"{ENV_PREFIX}{section.upper()}")] or list(variables)
-        raise ConfigError(f"{', '.join(named)}: cannot parse the value (a table or list needs JSON)") from None
+        prefix = f"{ENV_PREFIX}{section.upper()}"
+        named = [v for v in variables if v.upper().startswith(prefix)] or list(variables)
+        message = "cannot parse the value (a table or list needs JSON)"
+        raise ConfigError(f"{', '.join(named)}: {message}") from None
     _absolute_paths(settings, Path.cwd())
     settings._source = ConfigSource(source.path, source.how, variables)
     return settings
@@ -532,12 +538,12 @@ def config_warnings(settings: Settings) -> list[str]:
         warnings.append(f"[node] data_dir is not set: the built-in default, ./var in the working directory "
                         f"({settings.node.data_dir}); set it in the config file")
     if not _loopback(http.host) and not http.tokens:
-        warnings.append(f"[http] the API on {http.host}:{http.port} has no tokens: serve refuses to start so; "
-                        "set tokens (SEGNODE_HTTP__TOKENS) or host = \"127.0.0.1\"")
+        warnings.append(f"[http] the API on {http.host}:{http.port} has no tokens: serve refuses to start "
+                        "so; set tokens (SEGNODE_HTTP__TOKENS) or host = \"127.0.0.1\"")
     if not _loopback(dicom.host) and not dicom.allowed_calling_aets and not dicom.allowed_sources:
         warnings.append(
-            f"[dicom] the listener on {dicom.host}:{dicom.port} accepts any calling AE title from any address: "
-            "set allowed_calling_aets and/or allowed_sources (or host = \"127.0.0.1\")")
+            f"[dicom] the listener on {dicom.host}:{dicom.port} accepts any calling AE title from any "
+            "address: set allowed_calling_aets and/or allowed_sources (or host = \"127.0.0.1\")")
     return warnings
 
 

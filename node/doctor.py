@@ -60,17 +60,28 @@ def fail(check: str, detail: str, fix: str) -> Finding:
 
 # --- config, data folder, disk -------------------------------------------------------------------
 
+
 def check_config(settings: Settings) -> list[Finding]:
     source = settings.source
     found: list[Finding] = []
     if source.path is None:
-        found.append(warn("config", source.describe(),
-                          "write /etc/segnode/node.toml (segnode install-service writes a starter) or pass --config"))
+        found.append(
+            warn(
+                "config",
+                source.describe(),
+                "write /etc/segnode/node.toml (segnode install-service writes a starter) or pass --config",
+            )
+        )
     else:
         found.append(ok("config", source.describe()))
         if source.path.stat().st_mode & 0o004 and _holds_secrets(source.path):
-            found.append(warn("config", f"{source.path} holds secrets and every user can read it",
-                              f"chmod 640 {source.path} (owner root, group of the node's user)"))
+            found.append(
+                warn(
+                    "config",
+                    f"{source.path} holds secrets and every user can read it",
+                    f"chmod 640 {source.path} (owner root, group of the node's user)",
+                )
+            )
     for text in config_warnings(settings):
         found.append(warn("config", text.split(": ", 1)[0], text.split(": ", 1)[-1]))
     return found
@@ -122,10 +133,20 @@ def check_data_dir(settings: Settings) -> list[Finding]:
     if not data.exists():
         parent = _existing(data.parent)
         if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-            return [fail(name, f"{data} does not exist and cannot be made ({parent} is not a writable folder)",
-                         f"mkdir -p {data} and give it to the node's user (segnode install-service does)")]
-        return [warn(name, f"{data} does not exist yet (serve makes it)",
-                     f"mkdir -p {data} owned by the node's user, or let serve make it")]
+            return [
+                fail(
+                    name,
+                    f"{data} does not exist and cannot be made ({parent} is not a writable folder)",
+                    f"mkdir -p {data} and give it to the node's user (segnode install-service does)",
+                )
+            ]
+        return [
+            warn(
+                name,
+                f"{data} does not exist yet (serve makes it)",
+                f"mkdir -p {data} owned by the node's user, or let serve make it",
+            )
+        ]
     probe = data / f".doctor-{os.getpid()}"
     try:
         with open(probe, "wb") as handle:
@@ -133,17 +154,30 @@ def check_data_dir(settings: Settings) -> list[Finding]:
             handle.flush()
             os.fsync(handle.fileno())
     except OSError as exc:
-        return [fail(name, f"{data} is not writable: {exc.strerror}",
-                     f"chown -R <node user> {data}; chmod 750 {data}")]
+        return [
+            fail(
+                name,
+                f"{data} is not writable: {exc.strerror}",
+                f"chown -R <node user> {data}; chmod 750 {data}",
+            )
+        ]
     finally:
         probe.unlink(missing_ok=True)
     point, fstype = _mount_of(data)
     where = f"{data}: writable, {fstype} (mounted at {point})"
     if fstype == "tmpfs":
-        return [warn(name, f"{where}: lost at every reboot", "put data_dir on a disk (e.g. /var/lib/segnode)")]
+        return [
+            warn(name, f"{where}: lost at every reboot", "put data_dir on a disk (e.g. /var/lib/segnode)")
+        ]
     if fstype in _NETWORK_FS or fstype.startswith("fuse"):
-        return [warn(name, f"{where}: a network or FUSE file system (locks, direct I/O and fsync are the "
-                           "journal's and SQLite's guarantees)", "put data_dir on a local disk")]
+        return [
+            warn(
+                name,
+                f"{where}: a network or FUSE file system (locks, direct I/O and fsync are the "
+                "journal's and SQLite's guarantees)",
+                "put data_dir on a local disk",
+            )
+        ]
     return [ok(name, where)]
 
 
@@ -154,16 +188,27 @@ def check_disk(settings: Settings) -> list[Finding]:
     need = settings.ingest.min_free_mb
     detail = f"{free_mb} MB free on {data} (min_free_mb {need})"
     if free_mb < need:
-        return [fail("disk", f"{detail}: ingest refuses every instance (C-STORE 0xA700)",
-                     "free space or lower [ingest] min_free_mb")]
+        return [
+            fail(
+                "disk",
+                f"{detail}: ingest refuses every instance (C-STORE 0xA700)",
+                "free space or lower [ingest] min_free_mb",
+            )
+        ]
     headroom = need * 2 + settings.ingest.journal_mb
     if free_mb < headroom:
-        return [warn("disk", f"{detail}: less than {headroom} MB (twice min_free_mb plus the journal)",
-                     "free space, or shorten [ingest] retention_days")]
+        return [
+            warn(
+                "disk",
+                f"{detail}: less than {headroom} MB (twice min_free_mb plus the journal)",
+                "free space, or shorten [ingest] retention_days",
+            )
+        ]
     return [ok("disk", detail)]
 
 
 # --- ports, TLS ----------------------------------------------------------------------------------
+
 
 def _serve_pid(settings: Settings) -> int | None:
     """The pid of a ``segnode serve`` holding this data folder's lock, if one does."""
@@ -200,7 +245,11 @@ def _port_owner_is(pid: int, port: int) -> bool | None:
                 next(rows)
                 for row in rows:
                     fields = row.split()
-                    if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A" and fields[9] in inodes:
+                    if (
+                        int(fields[1].rsplit(":", 1)[1], 16) == port
+                        and fields[3] == "0A"
+                        and fields[9] in inodes
+                    ):
                         return True
         except OSError:
             continue
@@ -219,13 +268,23 @@ def _check_port(check: str, host: str, port: int, key: str, serve_pid: int | Non
             if owner:
                 return ok(check, f"{host}:{port} in use by this node (segnode serve, pid {serve_pid})")
             if owner is None:
-                return warn(check, f"{host}:{port} in use, by this node's serve (pid {serve_pid}) unless another "
-                                   "program holds it", "run doctor as the node's user to tell")
-            return fail(check, f"{host}:{port} is in use by another program",
-                        f"stop that program (ss -ltnp 'sport = :{port}') or change {key}")
+                return warn(
+                    check,
+                    f"{host}:{port} in use, by this node's serve (pid {serve_pid}) unless another "
+                    "program holds it",
+                    "run doctor as the node's user to tell",
+                )
+            return fail(
+                check,
+                f"{host}:{port} is in use by another program",
+                f"stop that program (ss -ltnp 'sport = :{port}') or change {key}",
+            )
         if exc.errno == errno.EACCES:
-            return warn(check, f"{host}:{port}: binding needs a privilege this user lacks",
-                        "run as the systemd unit (it grants CAP_NET_BIND_SERVICE for ports below 1024)")
+            return warn(
+                check,
+                f"{host}:{port}: binding needs a privilege this user lacks",
+                "run as the systemd unit (it grants CAP_NET_BIND_SERVICE for ports below 1024)",
+            )
         if exc.errno == errno.EADDRNOTAVAIL:
             return fail(check, f"{host} is not an address of this machine", f"change the host of {key}")
         return fail(check, f"{host}:{port}: {exc.strerror}", f"check {key}")
@@ -266,16 +325,31 @@ def check_tls(settings: Settings) -> list[Finding]:
         try:
             context.load_cert_chain(str(cert), str(key))
         except (OSError, ssl.SSLError) as exc:
-            found.append(fail("tls", f"{cert} / {key}: {getattr(exc, 'strerror', None) or exc}",
-                              "make both files readable by the node's user and check that the key matches"))
+            found.append(
+                fail(
+                    "tls",
+                    f"{cert} / {key}: {getattr(exc, 'strerror', None) or exc}",
+                    "make both files readable by the node's user and check that the key matches",
+                )
+            )
         else:
             expiry = _certificate_expiry(Path(cert))
             if expiry is not None and expiry < time.time():
-                found.append(fail("tls", f"{cert} expired on {time.strftime('%Y-%m-%d', time.gmtime(expiry))}",
-                                  "renew the certificate"))
+                found.append(
+                    fail(
+                        "tls",
+                        f"{cert} expired on {time.strftime('%Y-%m-%d', time.gmtime(expiry))}",
+                        "renew the certificate",
+                    )
+                )
             elif expiry is not None and expiry < time.time() + 30 * 86400:
-                found.append(warn("tls", f"{cert} expires on {time.strftime('%Y-%m-%d', time.gmtime(expiry))}",
-                                  "renew the certificate"))
+                found.append(
+                    warn(
+                        "tls",
+                        f"{cert} expires on {time.strftime('%Y-%m-%d', time.gmtime(expiry))}",
+                        "renew the certificate",
+                    )
+                )
             else:
                 found.append(ok("tls", f"{cert} and {key} readable, the key matches"))
     bundles = [(f"destination {d.name}", d.ca_bundle) for d in settings.destinations if d.ca_bundle]
@@ -286,12 +360,18 @@ def check_tls(settings: Settings) -> list[Finding]:
             ssl.create_default_context(cafile=str(bundle))
             found.append(ok("tls", f"{owner}: CA bundle {bundle} readable"))
         except (OSError, ssl.SSLError) as exc:
-            found.append(fail("tls", f"{owner}: CA bundle {bundle}: {getattr(exc, 'strerror', None) or exc}",
-                              "make it a readable PEM file"))
+            found.append(
+                fail(
+                    "tls",
+                    f"{owner}: CA bundle {bundle}: {getattr(exc, 'strerror', None) or exc}",
+                    "make it a readable PEM file",
+                )
+            )
     return found
 
 
 # --- the network: destinations, Orthanc, Redis ----------------------------------------------------
+
 
 def c_echo(calling_aet: str, host: str, port: int, called_aet: str, timeout: float = TIMEOUT_S) -> str | None:
     """A Verification (C-ECHO) round trip; None on success, else why not."""
@@ -325,8 +405,12 @@ def _qido(section, url: str) -> tuple[int | None, str]:  # type: ignore[no-untyp
 
     session = session_for(section)
     try:
-        response = session.get(f"{url.rstrip('/')}/studies", params={"limit": "1"},
-                               headers={"Accept": "application/dicom+json"}, timeout=TIMEOUT_S)
+        response = session.get(
+            f"{url.rstrip('/')}/studies",
+            params={"limit": "1"},
+            headers={"Accept": "application/dicom+json"},
+            timeout=TIMEOUT_S,
+        )
     except Exception as exc:  # noqa: BLE001 - connection refused, TLS, DNS, timeout
         return None, f"{type(exc).__name__}: {exc}"
     finally:
@@ -342,15 +426,21 @@ def _check_destination(settings: Settings, d: Destination) -> Finding:
         problem = c_echo(settings.dicom.ae_title, d.host, d.port, d.ae_title)
         if problem is None:
             return ok(check, f"C-ECHO {settings.dicom.ae_title} -> {d.ae_title}@{d.host}:{d.port}: success")
-        return fail(check, f"C-ECHO {settings.dicom.ae_title} -> {d.ae_title}@{d.host}:{d.port}: {problem}",
-                    f"check host, port and ae_title, and that the PACS accepts {settings.dicom.ae_title} "
-                    "from this address")
+        return fail(
+            check,
+            f"C-ECHO {settings.dicom.ae_title} -> {d.ae_title}@{d.host}:{d.port}: {problem}",
+            f"check host, port and ae_title, and that the PACS accepts {settings.dicom.ae_title} "
+            "from this address",
+        )
     if d.kind == "stowrs":
         status, problem = _qido(d, d.url)
         if not problem:
             return ok(check, f"QIDO-RS {d.url}/studies: HTTP {status}")
-        fix = ("check username/password or token" if status in (401, 403)
-               else "check url (the DICOMweb root) and that the server runs")
+        fix = (
+            "check username/password or token"
+            if status in (401, 403)
+            else "check url (the DICOMweb root) and that the server runs"
+        )
         return fail(check, f"QIDO-RS {d.url}/studies: {problem}", fix)
     path = Path(d.path) if d.path else None
     if path is None:
@@ -358,13 +448,20 @@ def _check_destination(settings: Settings, d: Destination) -> Finding:
     target = _existing(path)
     if target.is_dir() and os.access(target, os.W_OK | os.X_OK):
         return ok(check, f"{path} writable" + ("" if path.exists() else " (made at the first delivery)"))
-    return fail(check, f"{path} is not writable by this user", f"mkdir -p {path} and give it to the node's user")
+    return fail(
+        check, f"{path} is not writable by this user", f"mkdir -p {path} and give it to the node's user"
+    )
 
 
 def check_destinations(settings: Settings) -> list[Finding]:
     if not settings.destinations:
-        return [warn("destinations", "none configured: results stay in the data folder",
-                     "add [[destinations]] (stowrs, cstore or folder)")]
+        return [
+            warn(
+                "destinations",
+                "none configured: results stay in the data folder",
+                "add [[destinations]] (stowrs, cstore or folder)",
+            )
+        ]
     return [_check_destination(settings, d) for d in settings.destinations]
 
 
@@ -376,9 +473,14 @@ def check_orthanc(settings: Settings) -> list[Finding]:
     found: list[Finding] = []
     status, problem = _qido(section, root + section.dicomweb_root)
     if problem:
-        found.append(fail("orthanc", f"DICOMweb {root}{section.dicomweb_root}/studies: {problem} (the node fetches "
-                                     "handed-off series there by WADO-RS)",
-                          "check [orthanc] url, dicomweb_root and credentials; orthanc-dicomweb installed?"))
+        found.append(
+            fail(
+                "orthanc",
+                f"DICOMweb {root}{section.dicomweb_root}/studies: {problem} (the node fetches "
+                "handed-off series there by WADO-RS)",
+                "check [orthanc] url, dicomweb_root and credentials; orthanc-dicomweb installed?",
+            )
+        )
         return found
     found.append(ok("orthanc", f"DICOMweb {root}{section.dicomweb_root}: HTTP {status}"))
     from node.http import session_for
@@ -391,29 +493,61 @@ def check_orthanc(settings: Settings) -> list[Finding]:
     finally:
         session.close()
     if response.status_code == 404:
-        return [*found, fail("orthanc plugin", "the segnode plugin is not loaded in this Orthanc: no hand-off",
-                             '"PythonScript": ".../orthanc/segnode_plugin.py" in Orthanc\'s config '
-                             "(orthanc/README.md), orthanc-python installed")]
+        return [
+            *found,
+            fail(
+                "orthanc plugin",
+                "the segnode plugin is not loaded in this Orthanc: no hand-off",
+                '"PythonScript": ".../orthanc/segnode_plugin.py" in Orthanc\'s config '
+                "(orthanc/README.md), orthanc-python installed",
+            ),
+        ]
     if response.status_code != 200:
-        return [*found, fail("orthanc plugin", f"{root}/segnode/status: HTTP {response.status_code}",
-                             "check [orthanc] credentials")]
+        return [
+            *found,
+            fail(
+                "orthanc plugin",
+                f"{root}/segnode/status: HTTP {response.status_code}",
+                "check [orthanc] credentials",
+            ),
+        ]
     status_body = response.json()
     node_url = str(status_body.get("node_url", ""))
     parts = urlsplit(node_url)
     if not status_body.get("worker_alive"):
-        found.append(fail("orthanc plugin", "the plugin's hand-off thread is not running",
-                          "restart Orthanc; its log says why the thread stopped"))
+        found.append(
+            fail(
+                "orthanc plugin",
+                "the plugin's hand-off thread is not running",
+                "restart Orthanc; its log says why the thread stopped",
+            )
+        )
     elif parts.port != settings.http.port:
-        found.append(fail("orthanc plugin", f"hands off to {node_url}, but this node listens on "
-                                            f"{settings.http.host}:{settings.http.port}",
-                          'set "Segnode": {"NodeUrl": ...} in Orthanc\'s config (or SEGNODE_NODE_URL)'))
+        found.append(
+            fail(
+                "orthanc plugin",
+                f"hands off to {node_url}, but this node listens on "
+                f"{settings.http.host}:{settings.http.port}",
+                'set "Segnode": {"NodeUrl": ...} in Orthanc\'s config (or SEGNODE_NODE_URL)',
+            )
+        )
     else:
-        found.append(ok("orthanc plugin", f"loaded, hands off to {node_url}/api/orthanc/series "
-                                          f"({status_body.get('handed_off', 0)} series so far)"))
+        found.append(
+            ok(
+                "orthanc plugin",
+                f"loaded, hands off to {node_url}/api/orthanc/series "
+                f"({status_body.get('handed_off', 0)} series so far)",
+            )
+        )
     if status_body.get("venv_error"):
-        found.append(warn("orthanc plugin", f"the node's venv did not load in Orthanc: {status_body['venv_error']} "
-                                            "(the plugin uses its built-in rules)",
-                          "set Segnode.Venv (SEGNODE_VENV) to the node's virtual environment"))
+        found.append(
+            warn(
+                "orthanc plugin",
+                f"the node's venv did not load in Orthanc: {status_body['venv_error']} "
+                "(the plugin uses its built-in rules)",
+                "set Segnode.Venv (SEGNODE_VENV) to the node's virtual environment",
+            )
+        )
     return found
 
 
@@ -431,12 +565,18 @@ def check_redis(settings: Settings) -> list[Finding]:
         version = client.info("server").get("redis_version", "?")
         client.close()
     except Exception as exc:  # noqa: BLE001
-        return [fail("redis", f"{shown}: {type(exc).__name__}: {exc}",
-                     "start redis-server, or fix [queue] redis_url (SEGNODE_QUEUE__REDIS_URL)")]
+        return [
+            fail(
+                "redis",
+                f"{shown}: {type(exc).__name__}: {exc}",
+                "start redis-server, or fix [queue] redis_url (SEGNODE_QUEUE__REDIS_URL)",
+            )
+        ]
     return [ok("redis", f"{shown}: PING answered (Redis {version})")]
 
 
 # --- what the rules need: weights, torch, Blender -------------------------------------------------
+
 
 def _rules(settings: Settings):  # type: ignore[no-untyped-def]
     from node.rules import load_rules
@@ -452,9 +592,14 @@ def check_rules(settings: Settings) -> list[Finding]:
     except RulesError as exc:
         return [fail("rules", str(exc), "fix the rules file")]
     if not Path(settings.node.rules).exists():
-        return [warn("rules", f"{settings.node.rules} not found: the built-in default rule applies "
-                              "(every CT and MR series, the [segmentation] engine, every destination)",
-                     "write the rules file, or set [node] rules")]
+        return [
+            warn(
+                "rules",
+                f"{settings.node.rules} not found: the built-in default rule applies "
+                "(every CT and MR series, the [segmentation] engine, every destination)",
+                "write the rules file, or set [node] rules",
+            )
+        ]
     return [ok("rules", f"{settings.node.rules}: {len(rules)} rule(s): {', '.join(r.name for r in rules)}")]
 
 
@@ -488,13 +633,22 @@ def check_weights(settings: Settings) -> list[Finding]:
             found.append(fail(check, f"task {task} ({mode}): {exc}", "fix the rule's task"))
             continue
         except ImportError as exc:
-            found.append(fail(check, f"TotalSegmentator cannot be imported: {exc}", "pip install TotalSegmentator"))
+            found.append(
+                fail(check, f"TotalSegmentator cannot be imported: {exc}", "pip install TotalSegmentator")
+            )
             continue
         if missing:
-            found.append(fail(check, f"task {task} ({mode}): missing {', '.join(missing)} under {W.results_dir(home)}",
-                              W.import_hint()))
+            found.append(
+                fail(
+                    check,
+                    f"task {task} ({mode}): missing {', '.join(missing)} under {W.results_dir(home)}",
+                    W.import_hint(),
+                )
+            )
         else:
-            found.append(ok(check, f"task {task} ({mode}): {len(ids)} dataset(s) present in {W.results_dir(home)}"))
+            found.append(
+                ok(check, f"task {task} ({mode}): {len(ids)} dataset(s) present in {W.results_dir(home)}")
+            )
     return found
 
 
@@ -506,24 +660,42 @@ def check_torch(settings: Settings) -> list[Finding]:
     except ImportError as exc:
         if needed:
             return [fail("torch", f"cannot be imported: {exc}", "pip install torch==2.13.0 (see README)")]
-        return [warn("torch", f"cannot be imported ({exc}); no rule needs it now", "pip install torch==2.13.0")]
+        return [
+            warn("torch", f"cannot be imported ({exc}); no rule needs it now", "pip install torch==2.13.0")
+        ]
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     names = ", ".join(torch.cuda.get_device_name(i) for i in range(gpus))
-    build = f"torch {torch.__version__}" + (f", CUDA {torch.version.cuda}" if torch.version.cuda else ", CPU build")
+    build = f"torch {torch.__version__}" + (
+        f", CUDA {torch.version.cuda}" if torch.version.cuda else ", CPU build"
+    )
     if device.startswith("gpu"):
         index = int(device.split(":")[1]) if ":" in device else 0
         if index < gpus:
             return [ok("torch", f"device {device}: {torch.cuda.get_device_name(index)} ({build})")]
-        return [fail("torch", f"device {device}, but torch sees {gpus} GPU(s) ({build})",
-                     "install a CUDA build of torch 2.13.0 and the NVIDIA driver, check CUDA_VISIBLE_DEVICES, "
-                     'or set [segmentation] device = "cpu"')]
+        return [
+            fail(
+                "torch",
+                f"device {device}, but torch sees {gpus} GPU(s) ({build})",
+                "install a CUDA build of torch 2.13.0 and the NVIDIA driver, check CUDA_VISIBLE_DEVICES, "
+                'or set [segmentation] device = "cpu"',
+            )
+        ]
     if device == "mps":
         if torch.backends.mps.is_available():
             return [ok("torch", f"device mps ({build})")]
-        return [fail("torch", f"device mps, but it is not available ({build})", 'set [segmentation] device = "cpu"')]
+        return [
+            fail(
+                "torch", f"device mps, but it is not available ({build})", 'set [segmentation] device = "cpu"'
+            )
+        ]
     if gpus:
-        return [warn("torch", f"device cpu, but {gpus} GPU(s) visible: {names} ({build})",
-                     'set [segmentation] device = "gpu" to use them')]
+        return [
+            warn(
+                "torch",
+                f"device cpu, but {gpus} GPU(s) visible: {names} ({build})",
+                'set [segmentation] device = "gpu" to use them',
+            )
+        ]
     return [ok("torch", f"device cpu, {settings.segmentation.threads} thread(s); no GPU visible ({build})")]
 
 
@@ -533,21 +705,47 @@ def check_blender(settings: Settings) -> list[Finding]:
     needing = [r.name for r in _rules(settings) if "blender" in r.pipeline.outputs]
     found = find_blender()
     if found is not None:
-        return [ok("blender", f"{found.kind} {found.executable}" + (f" (for rule(s) {', '.join(needing)})" if needing
-                                                              else "; no rule asks for the scene output"))]
+        return [
+            ok(
+                "blender",
+                f"{found.kind} {found.executable}"
+                + (
+                    f" (for rule(s) {', '.join(needing)})"
+                    if needing
+                    else "; no rule asks for the scene output"
+                ),
+            )
+        ]
     if needing:
-        return [fail("blender", f"rule(s) {', '.join(needing)} ask for the Blender scene; {no_blender_message()}",
-                     "run scripts/setup.sh, or set SEGNODE_BLENDER")]
+        return [
+            fail(
+                "blender",
+                f"rule(s) {', '.join(needing)} ask for the Blender scene; {no_blender_message()}",
+                "run scripts/setup.sh, or set SEGNODE_BLENDER",
+            )
+        ]
     return [ok("blender", "not found, and no rule asks for the Blender scene")]
 
 
 CHECKS: tuple[Callable[[Settings], list[Finding]], ...] = (
-    check_config, check_data_dir, check_disk, check_ports, check_tls, check_destinations, check_orthanc,
-    check_redis, check_rules, check_weights, check_torch, check_blender,
+    check_config,
+    check_data_dir,
+    check_disk,
+    check_ports,
+    check_tls,
+    check_destinations,
+    check_orthanc,
+    check_redis,
+    check_rules,
+    check_weights,
+    check_torch,
+    check_blender,
 )
 
 
-def run_checks(settings: Settings, checks: Iterable[Callable[[Settings], list[Finding]]] = CHECKS) -> list[Finding]:
+def run_checks(
+    settings: Settings, checks: Iterable[Callable[[Settings], list[Finding]]] = CHECKS
+) -> list[Finding]:
     """Every check's findings, in order; a check that raises is a ``fail`` naming the exception."""
     findings: list[Finding] = []
     for check in checks:
@@ -555,6 +753,11 @@ def run_checks(settings: Settings, checks: Iterable[Callable[[Settings], list[Fi
         try:
             findings += check(settings)
         except Exception as exc:  # noqa: BLE001 - the doctor reports, it never stops half-way
-            findings.append(fail(name, f"the check itself failed: {type(exc).__name__}: {exc}",
-                                 "see the message; the other checks ran"))
+            findings.append(
+                fail(
+                    name,
+                    f"the check itself failed: {type(exc).__name__}: {exc}",
+                    "see the message; the other checks ran",
+                )
+            )
     return findings

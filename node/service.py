@@ -122,8 +122,9 @@ def segnode_command() -> tuple[str, ...]:
     return (str(Path(sys.executable).absolute()), "-m", "node")
 
 
-def plan(settings: Settings, config: Path, *, user: str = DEFAULT_USER,
-         command: tuple[str, ...] | None = None) -> ServicePlan:
+def plan(
+    settings: Settings, config: Path, *, user: str = DEFAULT_USER, command: tuple[str, ...] | None = None
+) -> ServicePlan:
     """The units' contents for the node ``settings`` describe, read from ``config``."""
     data_dir = Path(settings.node.data_dir)
     if not data_dir.is_absolute():
@@ -144,8 +145,13 @@ def plan(settings: Settings, config: Path, *, user: str = DEFAULT_USER,
     from node.serve import STOP_MARGIN_S
 
     return ServicePlan(
-        user=user, config=config, data_dir=data_dir, command=command or segnode_command(),
-        stop_timeout_s=math.ceil(grace) + STOP_MARGIN_S, low_port=low, writable=tuple(writable),
+        user=user,
+        config=config,
+        data_dir=data_dir,
+        command=command or segnode_command(),
+        stop_timeout_s=math.ceil(grace) + STOP_MARGIN_S,
+        low_port=low,
+        writable=tuple(writable),
         environment={"PYTHONUNBUFFERED": "1", "HOME": str(data_dir)},
     )
 
@@ -175,7 +181,7 @@ def _service_section(p: ServicePlan, subcommand: str, extra_env: dict[str, str])
     lines += [
         "Restart=on-failure",
         "RestartSec=5",
-        "# Exit status 2 is a config error or a refusal (another serve on the folder): not healed by restarting.",
+        "# Exit status 2: a config error or a refusal (another serve on the folder): no restart heals it.",
         "RestartPreventExitStatus=2",
         "# Stopping drains: SIGTERM to the node only (its nnU-Net and Blender children finish or are",
         "# killed with it at the end); running jobs get [queue] stop_grace_s, then are requeued; the rest",
@@ -214,8 +220,11 @@ def _service_section(p: ServicePlan, subcommand: str, extra_env: dict[str, str])
         "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK",
     ]
     if p.low_port and subcommand == "serve":
-        lines += ["# A port below 1024 (DICOM's 104): the one capability the node gets.",
-                  "AmbientCapabilities=CAP_NET_BIND_SERVICE", "CapabilityBoundingSet=CAP_NET_BIND_SERVICE"]
+        lines += [
+            "# A port below 1024 (DICOM's 104): the one capability the node gets.",
+            "AmbientCapabilities=CAP_NET_BIND_SERVICE",
+            "CapabilityBoundingSet=CAP_NET_BIND_SERVICE",
+        ]
     else:
         lines.append("CapabilityBoundingSet=")
     return lines
@@ -242,7 +251,7 @@ def render_serve(p: ServicePlan) -> str:
 
 def render_worker(p: ServicePlan) -> str:
     lines = [
-        "# segnode worker on GPU %i: jobs from the Redis queue ([queue] backend = \"redis\").",
+        '# segnode worker on GPU %i: jobs from the Redis queue ([queue] backend = "redis").',
         "# Written by `segnode install-service`; enable one per GPU: systemctl enable --now segnode-worker@0",
         "[Unit]",
         "Description=segnode worker on GPU %i",
@@ -260,6 +269,7 @@ def render_worker(p: ServicePlan) -> str:
 
 
 # --- installing ----------------------------------------------------------------------------------
+
 
 def _under(root: Path, path: Path) -> Path:
     return root / path.relative_to(path.anchor)
@@ -289,8 +299,17 @@ def install(p: ServicePlan, root: Path, *, starter_config: str | None, dry_run: 
         raise ServiceError("installing for real needs root (or give --root DIR, or --dry-run)")
     if real and not _user_exists(p.user):
         nologin = shutil.which("nologin") or "/usr/sbin/nologin"
-        command = ["useradd", "--system", "--user-group", "--home-dir", str(p.data_dir), "--no-create-home",
-                   "--shell", nologin, p.user]
+        command = [
+            "useradd",
+            "--system",
+            "--user-group",
+            "--home-dir",
+            str(p.data_dir),
+            "--no-create-home",
+            "--shell",
+            nologin,
+            p.user,
+        ]
         act(" ".join(command), lambda: subprocess.run(command, check=True))
     elif not real:
         done.append(f"not creating user {p.user} or changing owners (--root {root})")
@@ -305,6 +324,7 @@ def install(p: ServicePlan, root: Path, *, starter_config: str | None, dry_run: 
     act(f"make {data_dir} (0750{', owner ' + p.user if real else ''})", make_data)
     config = _under(root, p.config)
     if starter_config is not None:
+
         def write_config() -> None:
             config.parent.mkdir(parents=True, exist_ok=True)
             config.write_text(starter_config, encoding="utf-8")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.markup import escape
@@ -17,9 +17,15 @@ from node.cli.common import _State, err, fail, out
 
 def install_service_command(
     user: Annotated[str, typer.Option(help="The system user (and group) the node runs as.")] = "segnode",
-    root: Annotated[Path, typer.Option(
-        help="Write under this folder instead of / (packaging, tests): no user, no owners, no reload.")] = Path("/"),
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the units and what would be done.")] = False,
+    root: Annotated[
+        Path,
+        typer.Option(
+            help="Write under this folder instead of / (packaging, tests): no user, no owners, no reload."
+        ),
+    ] = Path("/"),
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the units and what would be done.")
+    ] = False,
 ) -> None:
     """Install systemd units for `serve` and per-GPU `worker@N` (config: --config, default
     /etc/segnode/node.toml; a starter one is written if it does not exist)."""
@@ -27,7 +33,14 @@ def install_service_command(
 
     from node.config import ConfigError, load_settings, setting_variables
     from node.service import (
-        DEFAULT_CONFIG, DEFAULT_DATA_DIR, STARTER_CONFIG, ServiceError, install, next_steps, plan, render_serve,
+        DEFAULT_CONFIG,
+        DEFAULT_DATA_DIR,
+        STARTER_CONFIG,
+        ServiceError,
+        install,
+        next_steps,
+        plan,
+        render_serve,
         render_worker,
     )
 
@@ -57,9 +70,14 @@ def install_service_command(
         out.print(escape(line), highlight=False, soft_wrap=True)
     ignored = [name for name in os.environ if name.upper() in setting_variables()]
     if ignored:
-        err.print(escape(f"note: {', '.join(sorted(ignored))} in this shell is not part of the service; put "
-                         "it in the config file or a drop-in (systemctl edit segnode)"), highlight=False,
-                  soft_wrap=True)
+        err.print(
+            escape(
+                f"note: {', '.join(sorted(ignored))} in this shell is not part of the service; put "
+                "it in the config file or a drop-in (systemctl edit segnode)"
+            ),
+            highlight=False,
+            soft_wrap=True,
+        )
     if not dry_run:
         out.print("next:", highlight=False)
         for line in next_steps(service):
@@ -86,8 +104,11 @@ def doctor_command(
         if as_json:
             typer.echo(json.dumps(f.as_dict()))
             continue
-        out.print(f"[{colour[f.status]}]{f.status:<4}[/] {escape(f.check.ljust(width))}  {escape(f.detail)}",
-                  highlight=False, soft_wrap=True)
+        out.print(
+            f"[{colour[f.status]}]{f.status:<4}[/] {escape(f.check.ljust(width))}  {escape(f.detail)}",
+            highlight=False,
+            soft_wrap=True,
+        )
         if f.fix and f.status != "ok":
             out.print(escape(f"     {' ' * width}  fix: {f.fix}"), highlight=False, soft_wrap=True)
     if any(f.status == "fail" for f in findings):

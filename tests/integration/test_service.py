@@ -42,14 +42,25 @@ def unit_start(unit: Path) -> tuple[list[str], dict[str, str], Path]:
 
 
 def test_serve_as_the_unit_starts_it_drains_on_sigterm(tmp_path: Path) -> None:
-    node = SegnodeServe(tmp_path, rules=RULES, token=TOKEN, ingest="journal_mb = 16",
-                        extra="[queue]\nstop_grace_s = 0\n")
+    node = SegnodeServe(
+        tmp_path, rules=RULES, token=TOKEN, ingest="journal_mb = 16", extra="[queue]\nstop_grace_s = 0\n"
+    )
     from node.cli import app
     from node.cli.common import _State
 
     try:
-        result = CliRunner().invoke(app, ["install-service", "--root", str(tmp_path / "root"), "--config",
-                                          str(node.config), "--user", getpass.getuser()])
+        result = CliRunner().invoke(
+            app,
+            [
+                "install-service",
+                "--root",
+                str(tmp_path / "root"),
+                "--config",
+                str(node.config),
+                "--user",
+                getpass.getuser(),
+            ],
+        )
     finally:
         _State.config_path = None
     assert result.exit_code == 0, result.output
@@ -66,8 +77,9 @@ def test_serve_as_the_unit_starts_it_drains_on_sigterm(tmp_path: Path) -> None:
         assert node.stop(signal.SIGTERM) == 0
         first = node.log(tail=None)
         assert f"config: {node.config} (found by --config); data in {node.data_dir}" in first
-        assert (f"job {running['id']}: requeued: node stopping: still running 0 s after the stop signal"
-                in first)
+        assert (
+            f"job {running['id']}: requeued: node stopping: still running 0 s after the stop signal" in first
+        )
         assert "journal closed: every acknowledged instance is in the spool by itself" in first
         assert first.rstrip().endswith("INFO node.serve: stopped")
         node.start(command, env=env, cwd=cwd)
@@ -76,7 +88,7 @@ def test_serve_as_the_unit_starts_it_drains_on_sigterm(tmp_path: Path) -> None:
         assert [e["event"] for e in done["history"]] == ["queued", "running", "requeued", "running", "done"]
         assert len(node.api("/api/jobs")) == 1
         assert list((node.data_dir / "results" / done["id"]).iterdir()) == [Path(done["results"])]
-        second = node.log(tail=None)[len(first):]
+        second = node.log(tail=None)[len(first) :]
         assert "jobs at start: 0 requeued (worker gone), 0 failed (no attempts left), 1 queued" in second
         assert "written again from records" not in second  # the journal had nothing to replay
     finally:

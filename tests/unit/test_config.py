@@ -152,7 +152,8 @@ def test_system_config_is_last_and_no_file_means_built_in_defaults(
     system.write_text('[node]\ndata_dir = "state"\nrules = "rules.toml"\n')
     settings = load_settings()
     assert (settings.source.path, settings.source.how) == (system, str(system))
-    assert (settings.node.data_dir, settings.node.rules) == (tmp_path / "etc" / "state", tmp_path / "etc" / "rules.toml")
+    assert settings.node.data_dir == tmp_path / "etc" / "state"
+    assert settings.node.rules == tmp_path / "etc" / "rules.toml"
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "node.toml").write_text("")
     assert load_settings().source.how == "./configs/node.toml"
@@ -189,7 +190,8 @@ def test_an_unknown_variable_is_an_error_naming_it(tmp_path: Path, monkeypatch: 
     assert str(info.value) == message
 
 
-def test_a_bad_value_from_the_environment_names_the_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_bad_value_from_the_environment_names_the_variable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SEGNODE_DICOM__PORT", "abc")
     with pytest.raises(ConfigError) as info:
         load_settings(write(tmp_path, "[dicom]\nport = 104\n"))
@@ -197,8 +199,9 @@ def test_a_bad_value_from_the_environment_names_the_variable(tmp_path: Path, mon
                                "unable to parse string as an integer")
     monkeypatch.delenv("SEGNODE_DICOM__PORT")
     monkeypatch.setenv("SEGNODE_HTTP__TOKENS", "alice:secret")
-    with pytest.raises(ConfigError, match=r"^SEGNODE_HTTP__TOKENS: cannot parse the value \(a table or list needs JSON\)$"):
+    with pytest.raises(ConfigError) as info:
         load_settings(write(tmp_path, ""))
+    assert str(info.value) == "SEGNODE_HTTP__TOKENS: cannot parse the value (a table or list needs JSON)"
     monkeypatch.setenv("SEGNODE_HTTP__TOKENS", '{"alice": "secret"}')
     monkeypatch.setenv("SEGNODE_QUEUE__REDIS_URL", "{}")
     assert load_settings(write(tmp_path, "")).http.tokens["alice"].get_secret_value() == "secret"
@@ -217,8 +220,8 @@ def test_config_check_warns_about_a_listener_open_to_anyone(tmp_path: Path) -> N
     path = write(tmp_path, '[node]\ndata_dir = "d"\n[dicom]\nhost = "0.0.0.0"\nport = 11112\n')
     result = segnode("config", "check", "--config", str(path), cwd=tmp_path)
     assert result.returncode == 0
-    assert result.stderr == ("warning: [dicom] the listener on 0.0.0.0:11112 accepts any calling AE title from "
-                             "any address: set allowed_calling_aets and/or allowed_sources (or host = "
+    assert result.stderr == ("warning: [dicom] the listener on 0.0.0.0:11112 accepts any calling AE title "
+                             "from any address: set allowed_calling_aets and/or allowed_sources (or host = "
                              "\"127.0.0.1\")\n")
     for fix in ('allowed_calling_aets = ["CT1"]', 'allowed_sources = ["10.0.0.0/8"]'):
         path.write_text(f'[node]\ndata_dir = "d"\n[dicom]\nhost = "0.0.0.0"\n{fix}\n')
@@ -238,7 +241,8 @@ def test_every_segnode_variable_the_project_uses_is_known() -> None:
     names: set[str] = set()
     for folder in ("node", "orthanc", "scripts", "docker", "tests", "docs", "configs"):
         for file in (REPO / folder).rglob("*"):
-            if file.is_file() and file.suffix in {".py", ".sh", ".md", ".toml", ".yaml", ".json", ".template", ""}:
+            suffixes = {".py", ".sh", ".md", ".toml", ".yaml", ".json", ".template", ""}
+            if file.is_file() and file.suffix in suffixes:
                 names |= set(pattern.findall(file.read_text(errors="replace")))
     names |= set(pattern.findall((REPO / "README.md").read_text()))
     assert {"SEGNODE_VENV", "SEGNODE_BLENDER", "SEGNODE_DICOM__PORT", "SEGNODE_INGEST__JOURNAL_MB"} <= names
