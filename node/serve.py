@@ -330,6 +330,7 @@ def work_remote(settings: Settings) -> int:
                  ", ".join(kinds), client.base, settings.worker.device)
         while not stop.wait(1.0):
             pass
+        client.stop.set()  # calls waiting for an unreachable node give up now (a claim would wait forever)
     finally:
         left = _drain(queue, runner, settings.queue.stop_grace_s)
         client.stop.set()

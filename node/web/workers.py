@@ -40,7 +40,7 @@ import os
 import re
 import tarfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,23 +100,36 @@ def series_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*.dcm") if p.is_file()) if folder.is_dir() else []
 
 
-def tar_stream(files: list[tuple[str, Path, int]]) -> Iterator[bytes]:
-    """A POSIX ustar stream of ``(name, path, size)``, written as it is read (one chunk in memory)."""
+def tar_size(sizes: Iterable[int]) -> int:
+    """The length of :func:`tar_stream`'s output: a header and whole blocks per file, two end blocks."""
+    block = tarfile.BLOCKSIZE
+    return sum(block + -(-size // block) * block for size in sizes) + 2 * block
+
+
+def tar_stream(files: list[tuple[str, Path, int]], batch: int = 4 * CHUNK) -> Iterator[bytes]:
+    """A POSIX ustar stream of ``(name, path, size)``, written as it is read, in pieces of about
+    ``batch`` bytes (a few MiB in memory: each piece costs the server a hop to a thread, so not one
+    per 512-byte header)."""
+    pending = bytearray()
     for name, path, size in files:
         info = tarfile.TarInfo(name)
         info.size, info.mode, info.mtime = size, 0o644, 0
-        yield info.tobuf(format=tarfile.USTAR_FORMAT)
-        sent = 0
+        pending += info.tobuf(format=tarfile.USTAR_FORMAT)
+        left = size
         with open(path, "rb") as handle:
-            while sent < size:
-                chunk = handle.read(min(CHUNK, size - sent))
+            while left:
+                chunk = handle.read(min(batch, left))
                 if not chunk:
                     raise OSError(f"{name}: shorter than {size} bytes")
-                sent += len(chunk)
-                yield chunk
+                left -= len(chunk)
+                pending += chunk
+                if len(pending) >= batch:
+                    yield bytes(pending)
+                    pending.clear()
         if size % tarfile.BLOCKSIZE:
-            yield tarfile.NUL * (tarfile.BLOCKSIZE - size % tarfile.BLOCKSIZE)
-    yield tarfile.NUL * (2 * tarfile.BLOCKSIZE)
+            pending += tarfile.NUL * (tarfile.BLOCKSIZE - size % tarfile.BLOCKSIZE)
+    pending += tarfile.NUL * (2 * tarfile.BLOCKSIZE)
+    yield bytes(pending)
 
 
 class WorkerRoutes:
@@ -229,7 +242,8 @@ class WorkerRoutes:
         total = sum(size for _, _, size in files)
         log.info("job %s: sending %d instance(s), %d bytes, to its worker", job_id, len(files), total)
         return StreamingResponse(tar_stream(files), media_type="application/x-tar", headers={
-            "x-segnode-files": str(len(files)), "x-segnode-bytes": str(total), "cache-control": "no-store"})
+            "content-length": str(tar_size(size for _, _, size in files)), "x-segnode-files": str(len(files)),
+            "x-segnode-bytes": str(total), "cache-control": "no-store"})
 
     async def upload(self, request: Request) -> Response:
         job_id = request.path_params["job_id"]
@@ -249,12 +263,19 @@ class WorkerRoutes:
         if not stored:
             target.parent.mkdir(parents=True, exist_ok=True)
             temp = target.with_name(f".{target.name}.{os.getpid()}.{time.monotonic_ns()}.part")
-            sha = hashlib.sha256()
+            sha, limit, size = hashlib.sha256(), self.settings.http.max_upload_mb << 20, 0
             try:
                 with open(temp, "wb") as out:
                     async for chunk in request.stream():
+                        size += len(chunk)
+                        if size > limit:
+                            break
                         sha.update(chunk)
                         out.write(chunk)
+                if size > limit:
+                    temp.unlink(missing_ok=True)
+                    return _error(413, f"a result file may have at most [http] max_upload_mb = "
+                                       f"{self.settings.http.max_upload_mb} MB")
                 if sha.digest() != digest:
                     temp.unlink(missing_ok=True)
                     return _error(422, "the body does not match its Content-Digest")

@@ -124,6 +124,7 @@ def test_a_worker_fetches_only_what_it_holds_as_a_tar_stream(env: Env) -> None:
 
     fetched = env.request("GET", f"/api/worker/jobs/{job.id}/series", params={"run_id": run_id})
     assert fetched.status_code == 200 and fetched.headers["content-type"] == "application/x-tar"
+    assert int(fetched.headers["content-length"]) == len(fetched.content)
     files = sorted(env.folder.iterdir())
     assert (fetched.headers["x-segnode-files"], fetched.headers["x-segnode-bytes"]) == (
         "3", str(sum(p.stat().st_size for p in files)))
