@@ -8,8 +8,8 @@
    output checked (same grid as the input, a class for every id), ``roi_subset`` applied;
 3. **post-processing stages**, in order (``request.post``): each is a callable taking the
    :class:`PipelineContext`, by object or by name (:data:`STAGES`);
-4. **outputs**, delivered ones first: the outputs the outbox sends (:data:`DELIVERED_OUTPUTS`, the
-   DICOM-SEG), each announced by a ``ProgressEvent`` of status ``output`` as soon as it is written
+4. **outputs**, delivered ones first: the outputs the outbox sends (:data:`DELIVERED_OUTPUTS`: the
+   DICOM-SEG, RTSTRUCT, measurements SR, review sheet, meshes as DICOM, in that order), each announced by a ``ProgressEvent`` of status ``output`` as soon as it is written
    (the worker hands it to the outbox then, while the run goes on); then **write**:
    ``labels.nii.gz`` (multilabel, on the input grid), ``classes.json``, ``stats.csv``; then the other
    outputs in the order asked (meshes, slices, Blender: :data:`OUTPUT_STAGES`); ``report.json``, with
@@ -102,9 +102,10 @@ OUTPUT_STAGES: dict[str, str] = {
 #: Output names that are always written and need no stage.
 STANDARD_OUTPUTS = ("labels", "nifti", "classes", "stats", "report")
 #: Outputs the outbox delivers (DICOM for the archive, what the radiologist waits for): they are
-#: written right after the labels are final, before the standard files and the other outputs
-#: (meshes, slices, Blender), and each is announced (a ``ProgressEvent`` of status ``output``) as
-#: soon as it exists, so that the worker hands it to the outbox while the run goes on.
+#: written right after the labels are final, in this order whatever order was asked (the SR cites the
+#: SEG), before the standard files and the other outputs (meshes, slices, Blender), and each is
+#: announced (a ``ProgressEvent`` of status ``output``) as soon as it exists, so that the worker hands
+#: it to the outbox while the run goes on.
 DELIVERED_OUTPUTS = ("seg", "rtstruct", "sr", "review", "dicom_mesh")
 
 

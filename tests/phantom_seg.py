@@ -12,15 +12,17 @@ from node.pipeline import PipelineRequest, PipelineResult, run_pipeline
 from node.segment import SegmentRequest
 
 
-def phantom_seg(tmp: Path, spec: PhantomSpec = TINY,
-                seg_options: Mapping[str, Any] | None = None) -> tuple[dict[str, Path], PipelineResult]:
+def phantom_seg(tmp: Path, spec: PhantomSpec = TINY, seg_options: Mapping[str, Any] | None = None,
+                outputs: tuple[str, ...] = ("seg",)) -> tuple[dict[str, Path], PipelineResult]:
     """The phantom of ``spec`` (TINY by default) written under ``tmp/phantom`` (its paths by kind:
     ``dicom``, ``labels``, ...) and the pipeline's successful run on its CT series under ``tmp/run``: the
     ``labelmap`` engine fed the phantom's exact labels, the ``seg`` output (``run.paths["seg"]``) with
-    ``seg_options`` (the rule's ``stage_options["seg"]``; none: the node's defaults)."""
+    ``seg_options`` (the rule's ``stage_options["seg"]``; none: the node's defaults), and any other
+    ``outputs``, e.g. ``("seg", "rtstruct")`` for an RTSTRUCT of the same structures
+    (``run.paths["rtstruct"]``)."""
     phantom = write_phantom(spec, tmp / "phantom")
     request = PipelineRequest(segment=SegmentRequest(engine="labelmap", labels_path=phantom["labels"]),
-                              outputs=("seg",), stage_options={"seg": dict(seg_options or {})})
+                              outputs=outputs, stage_options={"seg": dict(seg_options or {})})
     run = run_pipeline(phantom["dicom"], tmp / "run", request)
     assert run.ok, run.error
     return phantom, run

@@ -239,6 +239,7 @@ def review_output(ctx: PipelineContext) -> None:
     (out / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
     ctx.artifacts["review_png"] = out / PNG_FILE
     ctx.artifacts["review_pdf"] = out / PDF_FILE
+    ctx.artifacts["review_index"] = out / INDEX_FILE
     source = ctx.ct.source
     options = ctx.options
     if (ctx.source_path is not None or ctx.source_headers) and source is not None and source.instance_uids:

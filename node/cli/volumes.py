@@ -114,7 +114,9 @@ def run(
         Optional[list[str]], typer.Option("--option", help="Engine option KEY=VALUE, e.g. vessel_hu=120 (repeatable).")
     ] = None,
     output: Annotated[
-        Optional[list[str]], typer.Option("--output", help="Extra output by name, e.g. seg (repeatable).")
+        Optional[list[str]],
+        typer.Option("--output", help="Extra output by name (repeatable): seg, rtstruct, sr, review, dicom_mesh, "
+                                      "meshes, slices, blender."),
     ] = None,
     split_portal_hepatic: Annotated[
         bool, typer.Option("--split_portal_hepatic", help="Liver vessels: split into portal and hepatic trees.")

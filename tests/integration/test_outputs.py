@@ -24,9 +24,8 @@ import pydicom
 import pytest
 
 from node.dicom.seg import parse_seg
-from node.pipeline import PipelineRequest, PipelineResult, run_pipeline
-from node.phantom import TINY, write_phantom
-from node.segment import SegmentRequest
+from node.pipeline import PipelineResult
+from tests.phantom_seg import phantom_seg
 
 pytestmark = pytest.mark.integration
 
@@ -35,12 +34,7 @@ ALL_OUTPUTS = ("seg", "rtstruct", "sr", "review", "dicom_mesh")
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> PipelineResult:
-    tmp = tmp_path_factory.mktemp("outputs")
-    phantom = write_phantom(TINY, tmp / "phantom")
-    request = PipelineRequest(segment=SegmentRequest(engine="labelmap", labels_path=phantom["labels"]),
-                              outputs=ALL_OUTPUTS)
-    result = run_pipeline(phantom["dicom"], tmp / "run", request)
-    assert result.ok, result.error
+    _, result = phantom_seg(tmp_path_factory.mktemp("outputs"), outputs=ALL_OUTPUTS)  # the viewer's tests use it too
     return result
 
 
@@ -140,8 +134,7 @@ def test_sr_is_valid_and_its_measurements_are_the_stats_citing_the_seg(run: Pipe
     errors, _ = dciodvfy_errors(run.paths["sr"])
     assert errors == []
     sr = hd.sr.srread(run.paths["sr"])
-    assert sr.SOPClassUID == hd.sr.Comprehensive3DSR.__init__.__globals__.get("Comprehensive3DSRStorage",
-                                                                              "1.2.840.10008.5.1.4.1.1.88.34")
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
     seg = pydicom.dcmread(run.paths["seg"], stop_before_pixels=True)
     segments = parse_seg(run.paths["seg"]).segments
     with open(run.paths["stats"], newline="") as f:
@@ -302,3 +295,27 @@ def test_every_output_reaches_the_archive_once_and_the_planning_system_only_the_
         "1.2.840.10008.5.1.4.1.1.66.4": 1, "1.2.840.10008.5.1.4.1.1.481.3": 1, "1.2.840.10008.5.1.4.1.1.88.34": 1,
         "1.2.840.10008.5.1.4.1.1.104.1": 1, "1.2.840.10008.5.1.4.1.1.104.3": meshes}
     assert _sop_classes(tps) == {"1.2.840.10008.5.1.4.1.1.481.3": 1}
+
+
+def test_an_sr_without_its_seg_and_outputs_without_a_dicom_source_are_skipped_with_the_reason(tmp_path: Path) -> None:
+    from node.phantom import TINY, make_phantom
+    from node.pipeline import PipelineRequest, run_pipeline
+    from node.segment import SegmentRequest
+
+    phantom = make_phantom(TINY)
+    (tmp_path / "in").mkdir()
+    from node.nifti import write_nifti
+    from node.segment.labelmap import write_class_table
+
+    write_nifti(phantom.labels, tmp_path / "in" / "labels.nii.gz")
+    write_class_table(phantom.labels.classes, tmp_path / "in" / "classes.json")
+    request = PipelineRequest(segment=SegmentRequest(engine="labelmap", labels_path=tmp_path / "in" / "labels.nii.gz"),
+                              outputs=("sr", "rtstruct", "dicom_mesh", "review"))
+    result = run_pipeline(phantom.ct, tmp_path / "out", request)  # in memory: no DICOM source
+    assert result.ok, result.error
+    stages = {s["name"]: (s["state"], s.get("message", "")) for s in result.report["stages"]}
+    assert stages["sr"] == ("skipped", "the measurements SR cites the DICOM-SEG: ask for the seg output too")
+    assert stages["rtstruct"][0] == stages["dicom_mesh"][0] == "skipped"
+    assert "no DICOM source" in stages["rtstruct"][1]
+    assert stages["review"][0] == "done"  # the sheet is made; only its DICOM instance needs a source
+    assert (tmp_path / "out" / "review.png").is_file() and not (tmp_path / "out" / "review.dcm").exists()
