@@ -114,7 +114,8 @@ def test_every_command_keeps_patient_data_out_of_its_output(data: dict[str, Path
         "volume-info": segnode(*c, "volume-info", str(dicom)),
         "convert": segnode(*c, "convert", str(dicom), str(root / "ct.nii.gz")),
         "rules test": segnode(*c, "rules", "test", str(dicom)),
-        "xnat to-seg": segnode(*c, "xnat", "to-seg", str(data["xnat"]), str(root / "xnat-out")),
+        "xnat to-seg": segnode(*c, "xnat", "to-seg", str(data["xnat"]), str(root / "xnat-out"),
+                               "--name", "verified"),
     }
     # The listener: a series sent to it is reported ready; its own output and log stay clean.
     try:
@@ -128,6 +129,8 @@ def test_every_command_keeps_patient_data_out_of_its_output(data: dict[str, Path
     outputs["listen"] = (outputs["listen"][0], json.dumps(ready) + outputs["listen"][1])
     outputs.update({name: finish(p) for name, p in first.items()})
     assert outputs["run"][0] == 0, outputs["run"][1]
+    assert outputs["xnat to-seg"][0] == 0 and len(list((root / "xnat-out").rglob("*.dcm"))) == 1, \
+        outputs["xnat to-seg"][1]
     seg, labels = root / "run" / "seg.dcm", root / "run" / "labels.nii.gz"
     second = {
         "seg info": segnode(*c, "seg", "info", str(seg)),
