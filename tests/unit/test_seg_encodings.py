@@ -107,6 +107,16 @@ def test_deflated_image_frame_compression_reads_voxel_exact(made, tmp_path: Path
     np.testing.assert_array_equal(back.array, run.labels.array)
 
 
+def test_jpeg_2000_single_bit_frames_are_decoded_by_pydicoms_plugin(made) -> None:
+    """What highdicom writes for BINARY with JPEG 2000 Lossless: pydicom (pylibjpeg-openjpeg) decodes it."""
+    from openjpeg import encode
+
+    phantom, run, native, frames, ct = made
+    fragments = [encode(f.astype(np.uint8), bits_stored=1, use_mct=False, codec_format=0) for f in frames]
+    back = read_seg(encapsulated(native, pydicom.uid.JPEG2000Lossless, fragments), ct)
+    np.testing.assert_array_equal(back.array, run.labels.array)
+
+
 def test_fractional_threshold_is_applied_and_said(made) -> None:
     phantom, run, native, frames, ct = made
     ds = copy.deepcopy(native)
