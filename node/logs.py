@@ -64,10 +64,12 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r'(The string ")(.*?)(" is unlikely to represent)', re.S), rf"\1{REDACTED}\3"),
     # pydicom's element listing: "(0010,0010) Patient's Name   PN: 'DOE^JOHN'"
     (re.compile(r"(\(0010,\s?[0-9A-Fa-f]{4}\)[^\n:]*:)[^\n]*"), rf"\1 {REDACTED}"),
-    # keyword = value / keyword: value pairs of the Patient module
-    (re.compile(r"(\b(?:" + "|".join(PHI_KEYWORDS) + r"|Patient's (?:Name|Birth Date)|Patient ID)"
-                r"['\"]?\s*(?:=|:|PN:|LO:|DA:)\s*)(?!\[redacted\])"
-                r"(?:'[^'\n]*'|\"[^\"\n]*\"|[^\s,;)}\]]+)"), rf"\1{REDACTED}"),
+    # keyword = value / keyword: value pairs of the Patient module, and QIDO-RS query parameters by
+    # keyword or tag (OHIF's study list searches ?PatientName=... or ?00100010=...)
+    (re.compile(r"(\b(?:" + "|".join(PHI_KEYWORDS + _PHI_TAGS)
+                + r"|Patient's (?:Name|Birth Date)|Patient ID)['\"]?\s*(?:=|:|PN:|LO:|DA:)\s*)"
+                r"(?!\[redacted\])"
+                r"(?:'[^'\n]*'|\"[^\"\n]*\"|[^\s,;&)}\]]+)"), rf"\1{REDACTED}"),
     # DICOM person names: Family^Given^Middle^Prefix^Suffix (PS3.5 6.2.1.2)
     (re.compile(rf"(?<!{_NAME_CHARS})[^\W\d_][\w'.\-]*\^[\w'.\-^=]*"), REDACTED),
 )

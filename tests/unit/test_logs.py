@@ -70,6 +70,8 @@ def test_known_shapes_are_scrubbed_without_registration() -> None:
         "PatientName='Smith^Anna', PatientID=12345, Modality=CT":
             "PatientName=[redacted], PatientID=[redacted], Modality=CT",
         "storing Mueller^Hans^^Dr failed": "storing [redacted] failed",
+        "GET /dicom-web/studies?PatientName=Smi*&00100020=A77&limit=25 200":
+            "GET /dicom-web/studies?PatientName=[redacted]&00100020=[redacted]&limit=25 200",
         "series 1.2.3 ready: complete, 40 instance(s)": "series 1.2.3 ready: complete, 40 instance(s)",
     }
     for given, expected in cases.items():
