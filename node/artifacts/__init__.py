@@ -6,7 +6,7 @@
   :mod:`node.artifacts.blender_scene` and :mod:`node.artifacts.blender_slices_addon` run inside Blender;
 * :mod:`node.artifacts.palette`: ``exact`` / ``auto`` colours and JSON colour mappings.
 
-As pipeline outputs (``--output meshes|slices|blender``, :data:`node.pipeline.OUTPUT_STAGES`) they
+As pipeline outputs (``--output-kind meshes|slices|blender``, :data:`node.pipeline.OUTPUT_STAGES`) they
 write ``meshes/``, ``slices/`` + ``contact_sheet.png`` and ``scene.blend`` into the run folder.
 """
 

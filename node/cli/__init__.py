@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from typer.core import TyperGroup
 
 from node import __version__
 from node.cli.admin import doctor_command, install_service_command
@@ -20,6 +19,7 @@ from node.cli.artifacts import blender_command, mesh_command, slices_command
 from node.cli.backup import backup_command, restore_command
 from node.cli.common import _start_logging, _State, out
 from node.cli.config import config_app
+from node.cli.flags import FlagsGroup, install
 from node.cli.network import listen_command, send_command, serve_command, viewer_command, worker_command
 from node.cli.outbox import outbox_app
 from node.cli.rules import rules_app
@@ -50,7 +50,13 @@ def hoist_config(args: list[str]) -> list[str]:
     return front + rest
 
 
-class _Segnode(TyperGroup):
+class _Segnode(FlagsGroup):
+    """The app's group: ``--config`` anywhere; the seed tools' spellings (:mod:`node.cli.flags`)."""
+
+    def __init__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        install(self)
+
     def parse_args(self, ctx, args):  # type: ignore[no-untyped-def]
         return super().parse_args(ctx, hoist_config(list(args)))
 
@@ -111,29 +117,8 @@ app.add_typer(seg_app, name="seg")
 app.add_typer(outbox_app, name="outbox")
 
 
-#: Options that take several values, as TotalSegmentator's do: ``--roi_subset liver aorta``.
-_MULTI_VALUE_OPTIONS = ("--roi_subset",)
-
-
-def _expand_multi_value(argv: list[str]) -> list[str]:
-    """``--roi_subset a b`` -> ``--roi_subset a --roi_subset b`` (click takes one value per use)."""
-    expanded: list[str] = []
-    option, taken = None, 0
-    for arg in argv:
-        if arg in _MULTI_VALUE_OPTIONS:
-            option, taken = arg, 0
-        elif option is not None and not arg.startswith("-"):
-            if taken:
-                expanded.append(option)
-            taken += 1
-        else:
-            option = None
-        expanded.append(arg)
-    return expanded
-
-
 def main() -> None:
     import sys
 
-    app(args=_expand_multi_value(sys.argv[1:]))
+    app(args=sys.argv[1:])
 

@@ -12,7 +12,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from node.cli.common import _load_volume, fail, out, progress_bar
+from node.cli.common import _load_volume, fail, out, positional_or_option, progress_bar
 
 _LabelsArg = Annotated[Path, typer.Argument(
     help="A label NIfTI (classes: --classes, <name>.classes.json or <name>.json beside it, the table in its NIfTI header (TotalSegmentator's), classes.json, or TotalSegmentator's --task map) "
@@ -111,9 +111,16 @@ def slices_command(
 
 
 def blender_command(
-    source: Annotated[Path, typer.Argument(help="A mesh folder (segnode mesh, or STL/OBJ/PLY files), or labels "
-                                                "(a label NIfTI or run folder: meshes are made first).")],
-    output: Annotated[Path, typer.Argument(help="The .blend to write.")],
+    source_arg: Annotated[Optional[Path], typer.Argument(
+        metavar="SOURCE", show_default=False, help="A mesh folder (segnode mesh, or STL/OBJ/PLY files), or labels "
+                                                   "(a label NIfTI or run folder: meshes are made first); or --stl-dir.")
+    ] = None,
+    output_arg: Annotated[Optional[Path], typer.Argument(
+        metavar="OUT.blend", show_default=False, help="The .blend to write; or --save.")] = None,
+    stl_dir: Annotated[Optional[Path], typer.Option(
+        "--stl-dir", show_default=False, help="SOURCE as the seed importer takes it: a folder of meshes.")] = None,
+    save: Annotated[Optional[Path], typer.Option(
+        "--save", show_default=False, help="OUT.blend as the seed importer takes it.")] = None,
     palette: Annotated[str, typer.Option("--palette", help="exact (the classes' DICOM colours) | auto (semantic)")] = "exact",
     mapping_json: Annotated[Optional[Path], typer.Option("--mapping-json", help="JSON name -> colour overrides.")] = None,
     collection: Annotated[str, typer.Option("--collection", help="The collection holding the structures.")] = "Organs",
@@ -124,7 +131,8 @@ def blender_command(
     mirror_x: Annotated[bool, typer.Option("--mirror-x", help="Mirror across X.")] = False,
     remesh: Annotated[str, typer.Option("--remesh", help="none | voxel | quad | smooth | sharp | blocks")] = "none",
     voxel_size: Annotated[Optional[float], typer.Option("--voxel-size", help="Remesh voxel size (Blender units).")] = None,
-    slices: Annotated[Optional[Path], typer.Option("--slices", help="PNG slice folder (segnode slices) for the add-on.")] = None,
+    slices: Annotated[Optional[Path], typer.Option(
+        "--image-dir", "--slices", help="PNG slice folder (segnode slices) for the slice add-on.")] = None,
     blender: Annotated[Optional[str], typer.Option("--blender", help="Blender >= 4.2 binary or a Python with bpy.")] = None,
     mesh_smooth_iters: _SmoothOpt = 10,
     decimate: Annotated[float, typer.Option("--decimate", help="From labels: fraction of faces to keep.")] = 0.1,
@@ -132,6 +140,8 @@ def blender_command(
     task: _TaskOpt = "total",
 ) -> None:
     """A Blender scene: one object per structure, coloured, grouped, framed by a camera; the slice add-on."""
+    source = positional_or_option(source_arg, stl_dir, "SOURCE", "--stl-dir")
+    output = positional_or_option(output_arg, save, "OUT.blend", "--save")
     from node.artifacts.blender import BlenderError, SceneOptions, build_scene
     from node.artifacts.mesh import MeshOptions, label_meshes
 

@@ -54,6 +54,16 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def positional_or_option(positional: Optional[Path], option: Optional[Path], name: str, flag: str) -> Path:
+    """One value given either way: ``run INPUT OUTDIR`` or TotalSegmentator's ``-i INPUT -o OUTDIR``,
+    ``blender MESHDIR OUT.blend`` or the seed importer's ``--stl-dir MESHDIR --save OUT.blend``."""
+    if positional is not None and option is not None and positional != option:
+        raise fail(f"{name} given twice: {positional} and {flag} {option}", 2)
+    if positional is None and option is None:
+        raise fail(f"missing {name}: give it after the command or as {flag}", 2)
+    return positional or option  # type: ignore[return-value]
+
+
 @contextmanager
 def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
     """A Rich progress bar; yields ``update(done, total)``."""

@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from node.cli.common import _load_volume, err, fail, out, settings
+from node.cli.common import _load_volume, err, fail, out, positional_or_option, settings
 
 
 def phantom(
@@ -89,8 +89,15 @@ def convert(
 
 
 def run(
-    input: Annotated[Path, typer.Argument(help="A DICOM folder, zip or file, or a NIfTI file.")],
-    outdir: Annotated[Path, typer.Argument(help="Folder for labels.nii.gz, classes.json, stats.csv, report.json.")],
+    input_arg: Annotated[Optional[Path], typer.Argument(
+        metavar="INPUT", show_default=False, help="A DICOM folder, zip or file, or a NIfTI file (or -i).")] = None,
+    outdir_arg: Annotated[Optional[Path], typer.Argument(
+        metavar="OUTDIR", show_default=False,
+        help="Folder for labels.nii.gz, classes.json, stats.csv, report.json (or -o).")] = None,
+    input_opt: Annotated[Optional[Path], typer.Option(
+        "-i", "--input", show_default=False, help="INPUT, as TotalSegmentator takes it.")] = None,
+    output_opt: Annotated[Optional[Path], typer.Option(
+        "-o", "--output", show_default=False, help="OUTDIR, as TotalSegmentator takes it.")] = None,
     engine: Annotated[
         Optional[str], typer.Option(help="threshold | labelmap | totalsegmentator (default: config segmentation.engine).")
     ] = None,
@@ -99,45 +106,63 @@ def run(
     fastest: Annotated[bool, typer.Option("--fastest", help="TotalSegmentator's 6 mm model.")] = False,
     roi_subset: Annotated[
         Optional[list[str]],
-        typer.Option("--roi_subset", help="Keep only these classes: --roi_subset liver aorta (after INPUT OUTDIR)."),
+        typer.Option("--roi_subset", "--roi-subset", help="Keep only these classes: --roi_subset liver aorta."),
     ] = None,
-    robust_crop: Annotated[bool, typer.Option("--robust_crop", help="TotalSegmentator's robust ROI crop.")] = False,
+    robust_crop: Annotated[bool, typer.Option("--robust_crop", "--robust-crop",
+                                              help="TotalSegmentator's robust ROI crop.")] = False,
     device: Annotated[Optional[str], typer.Option(help="cpu | gpu | gpu:N | mps (default: config segmentation.device).")] = None,
     labels: Annotated[
         Optional[Path], typer.Option("--labels", help="labelmap engine: a label NIfTI or a folder of per-class masks.")
     ] = None,
     series: Annotated[Optional[str], typer.Option(help="SeriesInstanceUID to pick from a mix.")] = None,
+    mode: Annotated[Optional[str], typer.Option(
+        "--mode", help="enhanced_liver: the liver vessel pipeline (as --post liver_vessels), as "
+                       "TotalSegmentatorEnhanced's --mode.")] = None,
     post: Annotated[
         Optional[list[str]], typer.Option("--post", help="Post-processing stage by name (repeatable).")
     ] = None,
     option: Annotated[
         Optional[list[str]], typer.Option("--option", help="Engine option KEY=VALUE, e.g. vessel_hu=120 (repeatable).")
     ] = None,
-    output: Annotated[
+    output_kind: Annotated[
         Optional[list[str]],
-        typer.Option("--output", help="Extra output by name (repeatable): seg, rtstruct, sr, review, dicom_mesh, "
-                                      "meshes, slices, blender."),
+        typer.Option("--output-kind", help="Extra output by name (repeatable): seg, rtstruct, sr, review, dicom_mesh, "
+                                           "meshes, slices, blender."),
     ] = None,
+    export_mesh: Annotated[bool, typer.Option("--export-mesh", help="Meshes too (the meshes output, in OUTDIR/meshes).")
+                           ] = False,
+    export_format: Annotated[Optional[str], typer.Option("--export-format", help="Meshes: stl | obj | ply.")] = None,
+    units: Annotated[Optional[str], typer.Option("--units", help="Meshes: mm | m.")] = None,
+    mesh_smooth_iters: Annotated[Optional[int], typer.Option(
+        "--mesh-smooth-iters", help="Meshes: Taubin smoothing iterations (0: the exact voxel surface).")] = None,
+    write_empty: Annotated[bool, typer.Option(
+        "--write-empty", help="Meshes: an empty file for each expected structure with no voxel.")] = False,
     split_portal_hepatic: Annotated[
-        bool, typer.Option("--split_portal_hepatic", help="Liver vessels: split into portal and hepatic trees.")
+        bool, typer.Option("--split_portal_hepatic", "--split-portal-hepatic",
+                           help="Liver vessels: split into portal and hepatic trees.")
     ] = False,
     min_component_size: Annotated[
-        Optional[int], typer.Option("--min_component_size", help="Liver vessels: drop smaller components (voxels).")
+        Optional[int], typer.Option("--min_component_size", "--min-component-size",
+                                    help="Liver vessels: drop smaller components (voxels).")
     ] = None,
     no_fallback_full_liver: Annotated[
-        bool, typer.Option("--no_fallback_full_liver", help="Liver vessels: fail without a liver.")
+        bool, typer.Option("--no_fallback_full_liver", "--no-fallback-full-liver",
+                           help="Liver vessels: fail without a liver.")
     ] = False,
     split_support_dir: Annotated[
-        Optional[Path], typer.Option("--split_support_dir", help="Liver vessels: folder of support masks.")
+        Optional[Path], typer.Option("--split_support_dir", "--split-support-dir",
+                                     help="Liver vessels: per-class masks or a segnode run folder.")
     ] = None,
     generate_split_support: Annotated[
-        bool, typer.Option("--generate_split_support", help="Liver vessels: make missing support labels.")
+        bool, typer.Option("--generate_split_support", "--generate-split-support",
+                           help="Liver vessels: make missing support labels.")
     ] = False,
     no_skeleton: Annotated[
-        bool, typer.Option("--no_skeleton", help="Liver vessels: split without the skeleton graph.")
+        bool, typer.Option("--no_skeleton", "--no-skeleton", help="Liver vessels: split without the skeleton graph.")
     ] = False,
     min_split_component_size: Annotated[
-        Optional[int], typer.Option("--min_split_component_size", help="Liver vessels: merge smaller pieces.")
+        Optional[int], typer.Option("--min_split_component_size", "--min-split-component-size",
+                                    help="Liver vessels: merge smaller pieces.")
     ] = None,
 ) -> None:
     """Segment a series: load, engine, post-processing; labels, classes, stats and report.json in OUTDIR."""
@@ -149,6 +174,8 @@ def run(
     from node.pipeline import ProgressEvent, request_from_settings, run_pipeline
     from node.segment.registry import ENGINES
 
+    input = positional_or_option(input_arg, input_opt, "INPUT", "-i/--input")
+    outdir = positional_or_option(outdir_arg, output_opt, "OUTDIR", "-o/--output")
     config = settings()
     register_path(input)  # its patient's values are scrubbed from logs and console (node.logs)
     engine = (engine or config.segmentation.engine).lower()
@@ -176,14 +203,24 @@ def run(
     }
     vessel_options = {k: str(v) if isinstance(v, Path) else v for k, v in vessel_flags.items() if v is not None}
     post = list(post or [])
-    if vessel_options and "liver_vessels" not in post:
+    if mode is not None and mode not in ("enhanced_liver", "total"):
+        raise fail(f"--mode must be enhanced_liver (the liver vessel pipeline) or total, got {mode!r}", 2)
+    if (vessel_options or mode == "enhanced_liver") and "liver_vessels" not in post:
         post.append("liver_vessels")
+    # The mesh chain's flags (TotalSegmentatorImproved's); any of them asks for the meshes output.
+    mesh_flags = {"export_format": export_format, "units": units, "mesh_smooth_iters": mesh_smooth_iters,
+                  "write_empty": write_empty or None}
+    mesh_options = {k: v for k, v in mesh_flags.items() if v is not None}
+    outputs = list(output_kind or [])
+    if (export_mesh or mesh_options) and "meshes" not in outputs:
+        outputs.append("meshes")
+    stage_options = {name: opts for name, opts in (("liver_vessels", vessel_options), ("meshes", mesh_options))
+                     if opts}
     request = request_from_settings(
         config, engine=engine, task=task, fast=fast or None, fastest=fastest or None,
         roi_subset=[n for value in roi_subset or [] for n in value.replace(",", " ").split()],
         robust_crop=robust_crop or None, device=device, labels_path=labels, options=options,
-        post=post, series_uid=series, outputs=output or (),
-        stage_options={"liver_vessels": vessel_options} if vessel_options else None,
+        post=post, series_uid=series, outputs=outputs, stage_options=stage_options or None,
     )
     with Progress(
         SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -5,6 +5,7 @@ Accepted ``SegmentRequest.labels_path``:
 * a multilabel NIfTI (``.nii``/``.nii.gz``): class names from a sidecar (``<name>.json`` beside it,
   else ``classes.json`` in its folder, else ``options["classes"]``), else from TotalSegmentator's class
   map for ``task`` when TotalSegmentator is installed, else ``label_<id>``;
+* a segnode run folder (``labels.nii.gz`` and ``classes.json``): its label map;
 * a folder of per-class masks as TotalSegmentator writes them (``liver.nii.gz``, ``aorta.nii.gz``,
   ...): the file name is the class name; ids come from a ``classes.json`` in the folder, else from
   TotalSegmentator's map for ``task``, else the files are numbered 1..N in sorted order (said in the
@@ -271,6 +272,8 @@ class LabelmapEngine:
         if not path.exists():
             raise SegmentationError("labels_not_found", f"{path} does not exist")
         notes: list[str] = []
+        if path.is_dir() and (path / "labels.nii.gz").is_file():  # a segnode run folder: its label map
+            path = path / "labels.nii.gz"
         if path.is_dir():
             array, table = self._from_folder(path, volume, request, notes)
         elif path.name.endswith(NIFTI_SUFFIXES):

@@ -109,7 +109,7 @@ def _weights_missing(task: str, mode: str, home: Path, missing: list[str]) -> Se
         "weights_missing",
         f"TotalSegmentator task {task!r}{mode} needs weights that are not installed in "
         f"{W.results_dir(home)}: {', '.join(missing)}; the node never downloads weights: "
-        f"{W.import_hint()}",
+        f"{W.import_hint(missing)}",
     )
 
 

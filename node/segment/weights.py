@@ -17,7 +17,7 @@ import re
 import shutil
 import tempfile
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
@@ -206,8 +206,79 @@ def missing_folders(home: Path, ids: list[int]) -> list[str]:
     return [name for name in (dataset_folder(i) for i in ids) if not (base / name).is_dir()]
 
 
-def import_hint() -> str:
-    return "run `segnode weights import ZIP|DIR` with the zips TotalSegmentator distributes"
+# --------------------------------------------------------------------------- where the zips come from
+
+
+@dataclass(frozen=True)
+class WeightsZip:
+    """Where TotalSegmentator's own downloader gets a dataset: a zip on a GitHub release, or its licence
+    server (commercial models), as its weights table (``TASK_ID_WEIGHTS_CONFIGS``) says."""
+
+    dataset_id: int
+    folder: str
+    zip: str | None
+    url: str | None
+    release_page: str | None
+    where: str
+    #: A checksum TotalSegmentator records for the zip; 2.18 records none (see :data:`NO_CHECKSUM`).
+    checksum: str | None = None
+
+
+#: What TotalSegmentator 2.18's code says about checksums of its weights zips.
+NO_CHECKSUM = ("TotalSegmentator {version} records no checksum for its weights zips (its weights table has "
+               "folder, release and licence only, and its downloader unpacks what it gets)")
+
+
+def release_download_base() -> str | None:
+    """The download root of TotalSegmentator's own weights downloader (``libs.download_pretrained_weights``),
+    read from its source in this environment (not imported: that would import torch); None if not found."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("totalsegmentator.libs")
+    except ImportError:
+        return None
+    if spec is None or spec.origin is None:
+        return None
+    source = Path(spec.origin).read_text(encoding="utf-8")
+    found = re.findall(r'^\s*url\s*=\s*"(https://github\.com/[^"]+/releases/download)"\s*$', source, re.MULTILINE)
+    return found[-1] if found else None
+
+
+def weights_zip(dataset_id: int) -> WeightsZip:
+    """Which zip TotalSegmentator distributes for ``dataset_id`` and where (its release page)."""
+    cfg, maps, _ = _package()
+    info = cfg.TASK_ID_WEIGHTS_CONFIGS.get(dataset_id)
+    if info is None:
+        raise WeightsError("unknown_dataset", f"TotalSegmentator {package_version()} knows no dataset {dataset_id}")
+    folder = str(info["foldername"])
+    checksum = next((str(v) for k, v in info.items() if re.search(r"sha|md5|checksum|hash", str(k), re.I)), None)
+    version = info.get("version")
+    if info.get("commercial") or dataset_id in maps.commercial_models.values():
+        return WeightsZip(dataset_id, folder, None, None, None, "TotalSegmentator's licence server (a licensed "
+                          "model: ask its authors)", checksum)
+    base = release_download_base()
+    if not version or version == "TODO" or base is None:
+        return WeightsZip(dataset_id, folder, f"{folder}.zip", None, None,
+                          "no public release named in TotalSegmentator's weights table", checksum)
+    return WeightsZip(dataset_id, folder, f"{folder}.zip", f"{base}/{version}/{folder}.zip",
+                      f"{base.removesuffix('/download')}/tag/{version}", f"GitHub release {version}", checksum)
+
+
+def import_hint(folders: list[str] | tuple[str, ...] = ()) -> str:
+    """How to get weights on the node; with ``folders`` (missing datasets), which zips and where."""
+    hint = "run `segnode weights import ZIP|DIR` with the zips TotalSegmentator distributes"
+    found = [DATASET_RE.match(PurePosixPath(f).name) for f in folders]
+    zips = []
+    for match in found:
+        if match is None:
+            continue
+        try:
+            z = weights_zip(int(match.group(1)))
+        except WeightsError:
+            continue
+        zips.append(f"{z.zip} from {z.release_page}" if z.release_page else f"{z.folder}: {z.where}")
+    return f"{hint} ({'; '.join(zips)})" if zips else hint
 
 
 # --------------------------------------------------------------------------- status
@@ -286,6 +357,8 @@ class ImportedDataset:
     action: str
     #: A note for people, e.g. that TotalSegmentator expects another folder name for this id.
     note: str = ""
+    #: SHA-256 of the zip it came from (None for a folder).
+    sha256: str | None = None
 
 
 def _is_unsafe(parts: tuple[str, ...]) -> bool:
@@ -397,12 +470,44 @@ def _import_folder(folder: Path, base: Path) -> list[ImportedDataset]:
     return [ImportedDataset(name, action, _expected_note(name))]
 
 
-def import_weights(source: Path, home: Path) -> list[ImportedDataset]:
+def zip_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_zip(source: Path, expected_sha256: str | None = None) -> str:
+    """A zip's SHA-256, compared with ``expected_sha256`` when given, and its members' CRCs checked.
+
+    TotalSegmentator 2.18 records no checksum for its zips (:data:`NO_CHECKSUM`), so the expected value
+    is the administrator's (e.g. from the machine that downloaded it); :func:`weights_zip` would carry one
+    where a later TotalSegmentator records it."""
+    digest = zip_sha256(source)
+    if expected_sha256 is not None and digest != expected_sha256.strip().lower():
+        raise WeightsError("checksum_mismatch", f"{source}: SHA-256 {digest}, expected {expected_sha256.strip()}; "
+                                                "not imported")
+    try:
+        with zipfile.ZipFile(source) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise WeightsError("bad_zip", f"{source}: not a readable zip file ({exc})") from None
+    if bad is not None:
+        raise WeightsError("bad_zip", f"{source}: member {bad} fails its CRC check (a damaged copy); not imported")
+    return digest
+
+
+def import_weights(source: Path, home: Path, *, expected_sha256: str | None = None) -> list[ImportedDataset]:
     """Install the ``DatasetNNN_*`` folders of a zip, a dataset folder, or a folder of either into ``home``.
 
     Idempotent: a dataset already there with the same files (names and sizes) is left as is
-    (``unchanged``); different content is replaced whole (``replaced``), never merged.
-    Raises :class:`WeightsError` (``not_found``, ``bad_zip``, ``unsafe_zip``, ``no_datasets``).
+    (``unchanged``); different content is replaced whole (``replaced``), never merged. A zip's CRCs are
+    checked and its SHA-256 is in each result's ``sha256`` (compared with ``expected_sha256`` if given).
+    Raises :class:`WeightsError` (``not_found``, ``bad_zip``, ``unsafe_zip``, ``no_datasets``,
+    ``checksum_mismatch``).
     """
     source = Path(source)
     if not source.exists():
@@ -413,7 +518,10 @@ def import_weights(source: Path, home: Path) -> list[ImportedDataset]:
     if source.is_file():
         if not zipfile.is_zipfile(source):
             raise WeightsError("bad_zip", f"{source}: not a zip file; give a weights zip or a folder")
-        return _import_zip(source, base)
+        digest = check_zip(source, expected_sha256)
+        return [replace(d, sha256=digest) for d in _import_zip(source, base)]
+    if expected_sha256 is not None:
+        raise WeightsError("not_a_zip", f"{source}: --sha256 checks a zip file; this is a folder")
 
     if DATASET_RE.match(source.name):
         return _import_folder(source, base)
@@ -424,7 +532,8 @@ def import_weights(source: Path, home: Path) -> list[ImportedDataset]:
         if entry.is_dir() and DATASET_RE.match(entry.name):
             results.extend(_import_folder(path, base))
         elif entry.is_file() and entry.name.lower().endswith(".zip"):
-            results.extend(_import_zip(path, base))
+            digest = check_zip(path)
+            results.extend(replace(d, sha256=digest) for d in _import_zip(path, base))
     if not results:
         raise WeightsError(
             "no_datasets",

@@ -110,7 +110,7 @@ def test_every_command_keeps_patient_data_out_of_its_output(data: dict[str, Path
     port = free_port()
     listener = segnode(*c, "listen", "--port", str(port))  # started first: it overlaps the others
     first = {
-        "run": segnode(*c, "run", str(dicom), str(root / "run"), "--engine", "threshold", "--output", "seg"),
+        "run": segnode(*c, "run", str(dicom), str(root / "run"), "--engine", "threshold", "--output-kind", "seg"),
         "volume-info": segnode(*c, "volume-info", str(dicom)),
         "convert": segnode(*c, "convert", str(dicom), str(root / "ct.nii.gz")),
         "rules test": segnode(*c, "rules", "test", str(dicom)),
@@ -138,7 +138,7 @@ def test_every_command_keeps_patient_data_out_of_its_output(data: dict[str, Path
         "mesh": segnode(*c, "mesh", str(labels), str(root / "meshes"), "--mesh-smooth-iters", "0"),
         "slices": segnode(*c, "slices", str(dicom), str(root / "slices"), "--labels", str(labels),
                           "--planes", "axial", "--every", "10"),
-        "control": segnode(*c, "run", str(dicom), str(root / "control"), "--engine", "threshold", "--output", "seg",
+        "control": segnode(*c, "run", str(dicom), str(root / "control"), "--engine", "threshold", "--output-kind", "seg",
                            env={"SEGNODE_NODE__LOG_PHI": "true", "SEGNODE_NODE__LOG_FILE": str(root / "control.log")}),
     }
     outputs.update({name: finish(p) for name, p in second.items()})
