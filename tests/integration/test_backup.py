@@ -5,8 +5,6 @@ delivery completes exactly once."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import tarfile
 import time
 from collections.abc import Iterator
@@ -16,11 +14,13 @@ import pydicom
 import pytest
 import requests
 from dicomweb_client import DICOMwebClient
+from typer.testing import CliRunner
 
 from node.dicom.series import read_datasets
 from node.backup import BackupError, restore
 from node.phantom import TINY, write_phantom
-from tests.servers import REPO, SegnodeServe, StoreSCP, free_port
+from node.cli import app
+from tests.servers import SegnodeServe, StoreSCP, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -68,9 +68,9 @@ def nodes() -> Iterator[list[SegnodeServe]]:
         node.stop()
 
 
-def segnode(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "node", "--config", str(config), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+def segnode(config: Path, *args: str):
+    """The command line ``segnode --config CONFIG ARGS`` through the app, in this process."""
+    return CliRunner().invoke(app, ["--config", str(config), *args])
 
 
 def wait_for(what: str, probe, node: SegnodeServe, timeout: float = 60):
@@ -107,7 +107,7 @@ def test_backup_while_delivering_then_restore_elsewhere_delivers_each_result_onc
 
     backup = tmp_path / "node-a.tar"
     made = segnode(a.config, "backup", str(backup), "--results", "--spool")
-    assert made.returncode == 0, made.stderr
+    assert made.exit_code == 0, made.output
     with tarfile.open(backup) as tar:
         manifest = json.load(tar.extractfile("manifest.json"))  # type: ignore[arg-type]
         names = set(tar.getnames())
@@ -134,8 +134,8 @@ def restore_and_deliver(tmp_path: Path, backup: Path, archive: Path, pacs: Store
     b = make_node(tmp_path / "b", pacs.port, archive)
     nodes.append(b)
     restored = segnode(b.config, "restore", str(backup), "--data-dir", str(b.data_dir))
-    assert restored.returncode == 0, restored.stderr
-    assert f"into {b.data_dir.resolve()}" in restored.stdout
+    assert restored.exit_code == 0, restored.output
+    assert f"into {b.data_dir.resolve()}" in " ".join(restored.output.split())
     with pytest.raises(BackupError, match="is not empty: restore into an empty folder, or give --force"):
         restore(backup, b.data_dir)
     b.start()
