@@ -87,10 +87,16 @@ def _sha256(path: Path) -> str:
 def _describe(path: Path) -> dict[str, Any]:
     db = sqlite3.connect(path)
     try:
-        tables = [r[0] for r in db.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")]
-        return {"schema_version": user_version(db),
-                "tables": {t: db.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in tables}}
+        tables = [
+            r[0]
+            for r in db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name"
+            )
+        ]
+        return {
+            "schema_version": user_version(db),
+            "tables": {t: db.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in tables},
+        }
     finally:
         db.close()
 
@@ -150,16 +156,27 @@ def backup(settings: Settings, out: Path, *, results: bool = False, spool: bool 
         raise BackupError("not_found", f"the data folder {data} does not exist")
     out = Path(out).resolve()
     if out.is_relative_to(data):
-        raise BackupError("inside_data_dir", f"{out} is inside the data folder {data}: write the backup elsewhere")
+        raise BackupError(
+            "inside_data_dir", f"{out} is inside the data folder {data}: write the backup elsewhere"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial")
     manifest: dict[str, Any] = {
-        "format": FORMAT, "segnode": __version__, "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "host": socket.gethostname(), "data_dir": str(data), "queue_backend": settings.queue.backend,
-        "options": {"results": results, "spool": spool}, "stores": {}, "files": {}, "config": {},
+        "format": FORMAT,
+        "segnode": __version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "data_dir": str(data),
+        "queue_backend": settings.queue.backend,
+        "options": {"results": results, "spool": spool},
+        "stores": {},
+        "files": {},
+        "config": {},
     }
-    with tempfile.TemporaryDirectory(prefix="segnode-backup-", dir=out.parent) as tmp, \
-            tarfile.open(partial, "w") as tar:
+    with (
+        tempfile.TemporaryDirectory(prefix="segnode-backup-", dir=out.parent) as tmp,
+        tarfile.open(partial, "w") as tar,
+    ):
         writer = _Writer(tar)
         copies: dict[str, Path] = {}
         for store in stores():
@@ -168,19 +185,27 @@ def backup(settings: Settings, out: Path, *, results: bool = False, spool: bool 
                 continue
             copy = backup_copy(source, Path(tmp) / store.file)
             copies[store.file] = copy
-            manifest["stores"][store.file] = {**_describe(copy), "release_schema_version": store.schema.version,
-                                              "sha256": _sha256(copy)}
+            manifest["stores"][store.file] = {
+                **_describe(copy),
+                "release_schema_version": store.schema.version,
+                "sha256": _sha256(copy),
+            }
             writer.add(copy, f"data/{store.file}")
         if "jobs.db" in copies:
             manifest["jobs"] = _counts(copies["jobs.db"], "SELECT state, count(*) FROM jobs GROUP BY state")
         before = writer.count
         if "outbox.db" in copies:
-            manifest["deliveries"] = _counts(copies["outbox.db"],
-                                             "SELECT state, count(*) FROM deliveries GROUP BY state")
+            manifest["deliveries"] = _counts(
+                copies["outbox.db"], "SELECT state, count(*) FROM deliveries GROUP BY state"
+            )
             db = sqlite3.connect(copies["outbox.db"])
-            open_files = [r[0] for r in db.execute(
-                "SELECT DISTINCT i.path FROM instances i JOIN deliveries d ON d.sop_uid = i.sop_uid "
-                "WHERE d.state NOT IN ('delivered', 'cancelled') ORDER BY 1")]
+            open_files = [
+                r[0]
+                for r in db.execute(
+                    "SELECT DISTINCT i.path FROM instances i JOIN deliveries d ON d.sop_uid = i.sop_uid "
+                    "WHERE d.state NOT IN ('delivered', 'cancelled') ORDER BY 1"
+                )
+            ]
             db.close()
             for path in open_files:
                 name = Path(path).name
@@ -228,25 +253,39 @@ def _check_versions(manifest: dict[str, Any]) -> None:
     from node import __version__
 
     if manifest.get("format", 0) > FORMAT:
-        raise BackupError("too_new", f"the backup's format {manifest['format']} is newer than segnode "
-                                     f"{__version__} reads ({FORMAT}); restore it with segnode {manifest['segnode']}")
+        raise BackupError(
+            "too_new",
+            f"the backup's format {manifest['format']} is newer than segnode "
+            f"{__version__} reads ({FORMAT}); restore it with segnode {manifest['segnode']}",
+        )
     current = {s.file: s for s in stores()}
     for file, info in manifest.get("stores", {}).items():
         store = current.get(file)
         if store is not None and info["schema_version"] > store.schema.version:
             raise BackupError(
-                "too_new", f"the backup's {store.schema.name} ({file}) has schema version {info['schema_version']} "
+                "too_new",
+                f"the backup's {store.schema.name} ({file}) has schema version {info['schema_version']} "
                 f"(segnode {manifest['segnode']}); segnode {__version__} reads up to version "
-                f"{store.schema.version}: restore it with segnode {manifest['segnode']} or later")
+                f"{store.schema.version}: restore it with segnode {manifest['segnode']} or later",
+            )
 
 
 def _clear(data_dir: Path) -> None:
     """What a restore replaces: the stores (and their WAL files), the folders a backup holds, the
     queue and the journal (which would replay old instances into the restored spool)."""
     for entry in data_dir.iterdir():
-        if entry.is_dir() and entry.name in ("outbox", "corrections", "results", "spool", "journal", "config"):
+        if entry.is_dir() and entry.name in (
+            "outbox",
+            "corrections",
+            "results",
+            "spool",
+            "journal",
+            "config",
+        ):
             shutil.rmtree(entry)
-        elif entry.is_file() and entry.name.startswith(("jobs.db", "outbox.db", "annotations.sqlite", "queue.db")):
+        elif entry.is_file() and entry.name.startswith(
+            ("jobs.db", "outbox.db", "annotations.sqlite", "queue.db")
+        ):
             entry.unlink()
 
 
@@ -258,7 +297,7 @@ def _rebase(data_dir: Path, old: str, new: str) -> dict[str, int]:
 
     def moved(value: Any) -> Any:
         if isinstance(value, str) and (value == old or value.startswith(old + "/")):
-            return new + value[len(old):]
+            return new + value[len(old) :]
         return value
 
     jobs = data_dir / "jobs.db"
@@ -267,14 +306,22 @@ def _rebase(data_dir: Path, old: str, new: str) -> dict[str, int]:
         with db:
             for job_id, doc in db.execute("SELECT id, doc FROM jobs").fetchall():
                 record = json.loads(doc)
-                updated = {**record, "folder": moved(record.get("folder")), "results": moved(record.get("results"))}
+                updated = {
+                    **record,
+                    "folder": moved(record.get("folder")),
+                    "results": moved(record.get("results")),
+                }
                 if updated != record:
-                    db.execute("UPDATE jobs SET doc = ? WHERE id = ?", (json.dumps(updated, separators=(",", ":")),
-                                                                         job_id))
+                    db.execute(
+                        "UPDATE jobs SET doc = ? WHERE id = ?",
+                        (json.dumps(updated, separators=(",", ":")), job_id),
+                    )
                     changed["jobs"] += 1
         db.close()
-    for file, table, key, column in (("annotations.sqlite", "annotations", "id", "path"),
-                                     ("outbox.db", "instances", "sop_uid", "path")):
+    for file, table, key, column in (
+        ("annotations.sqlite", "annotations", "id", "path"),
+        ("outbox.db", "instances", "sop_uid", "path"),
+    ):
         path = data_dir / file
         if not path.exists():
             continue
@@ -296,8 +343,11 @@ def restore(archive: Path, data_dir: Path, *, force: bool = False) -> dict[str, 
     data_dir.mkdir(parents=True, exist_ok=True)
     if any(data_dir.iterdir()):
         if not force:
-            raise BackupError("not_empty", f"{data_dir} is not empty: restore into an empty folder, or give "
-                                           "--force to replace what the backup holds")
+            raise BackupError(
+                "not_empty",
+                f"{data_dir} is not empty: restore into an empty folder, or give "
+                "--force to replace what the backup holds",
+            )
         from node.serve import ServeError, _lock
 
         try:
@@ -330,6 +380,9 @@ def restore(archive: Path, data_dir: Path, *, force: bool = False) -> dict[str, 
     for store, info in manifest.get("stores", {}).items():
         if _sha256(data_dir / store) != info["sha256"]:
             raise BackupError("corrupt", f"{archive}: {store} does not match its checksum")
-    manifest["restored"] = {"data_dir": str(data_dir), "files": files,
-                            "rebased": _rebase(data_dir, manifest["data_dir"], str(data_dir))}
+    manifest["restored"] = {
+        "data_dir": str(data_dir),
+        "files": files,
+        "rebased": _rebase(data_dir, manifest["data_dir"], str(data_dir)),
+    }
     return manifest

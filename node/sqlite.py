@@ -105,8 +105,11 @@ def backup_copy(source: Path | sqlite3.Connection, target: Path) -> Path:
     """A consistent copy of a SQLite database through the online backup API (readers and writers
     may go on meanwhile; the copy is one committed state). ``target`` is replaced if it exists."""
     target.unlink(missing_ok=True)
-    src = source if isinstance(source, sqlite3.Connection) else sqlite3.connect(
-        f"file:{source}?mode=ro", uri=True, timeout=30)
+    src = (
+        source
+        if isinstance(source, sqlite3.Connection)
+        else sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=30)
+    )
     try:
         dst = sqlite3.connect(target)
         try:
@@ -136,7 +139,9 @@ def ensure_schema(db: sqlite3.Connection, path: Path, schema: Schema) -> int | N
         if found == schema.version:
             db.execute("COMMIT")
             return None
-        empty = db.execute("SELECT count(*) FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'").fetchone()[0] == 0
+        empty = (
+            db.execute("SELECT count(*) FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'").fetchone()[0] == 0
+        )
         if empty:
             how, migrated_from = "created", None
         else:
@@ -149,15 +154,19 @@ def ensure_schema(db: sqlite3.Connection, path: Path, schema: Schema) -> int | N
             how, migrated_from = f"migrated from version {found}", found
         for statement in (*schema.create, HISTORY_TABLE):
             db.execute(statement)
-        db.execute("INSERT OR REPLACE INTO segnode_schema VALUES (?,?,?,?)",
-                   (schema.version, _release(), time.time(), how))
+        db.execute(
+            "INSERT OR REPLACE INTO segnode_schema VALUES (?,?,?,?)",
+            (schema.version, _release(), time.time(), how),
+        )
         db.execute(f"PRAGMA user_version = {int(schema.version)}")
         db.execute("COMMIT")
     except BaseException as exc:
         db.execute("ROLLBACK")
         if isinstance(exc, sqlite3.Error):
-            raise SchemaError(f"{path}: migrating the {schema.name} from version {found} to "
-                              f"{schema.version} failed ({exc}); the store is unchanged") from exc
+            raise SchemaError(
+                f"{path}: migrating the {schema.name} from version {found} to "
+                f"{schema.version} failed ({exc}); the store is unchanged"
+            ) from exc
         raise
     return migrated_from
 

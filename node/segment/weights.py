@@ -252,7 +252,7 @@ def weights_zip(dataset_id: int) -> WeightsZip:
     if info is None:
         raise WeightsError("unknown_dataset", f"TotalSegmentator {package_version()} knows no dataset {dataset_id}")
     folder = str(info["foldername"])
-    checksum = next((str(v) for k, v in info.items() if re.search(r"sha|md5|checksum|hash", str(k), re.I)), None)
+    checksum = next((str(v) for k, v in info.items() if re.search(r"sha|md5|checksum|hash", str(k), re.IGNORECASE)), None)
     version = info.get("version")
     if info.get("commercial") or dataset_id in maps.commercial_models.values():
         return WeightsZip(dataset_id, folder, None, None, None, "TotalSegmentator's licence server (a licensed "

@@ -16,10 +16,10 @@ import requests
 from dicomweb_client import DICOMwebClient
 from typer.testing import CliRunner
 
-from node.dicom.series import read_datasets
 from node.backup import BackupError, restore
-from node.phantom import TINY, write_phantom
 from node.cli import app
+from node.dicom.series import read_datasets
+from node.phantom import TINY, write_phantom
 from tests.servers import SegnodeServe, StoreSCP, free_port
 
 pytestmark = pytest.mark.integration
@@ -84,22 +84,28 @@ def wait_for(what: str, probe, node: SegnodeServe, timeout: float = 60):
 
 
 def test_backup_while_delivering_then_restore_elsewhere_delivers_each_result_once(
-        tmp_path: Path, nodes: list[SegnodeServe]) -> None:
+    tmp_path: Path, nodes: list[SegnodeServe]
+) -> None:
     archive = tmp_path / "archive"
     a = make_node(tmp_path / "a", free_port(), archive)  # its PACS: a port nobody listens on
     nodes.append(a)
     a.start()
     session = requests.Session()
     session.trust_env = False
-    client = DICOMwebClient(f"{a.url}/dicomweb", session=session, headers={"Authorization": f"Bearer {TOKEN}"})
+    client = DICOMwebClient(
+        f"{a.url}/dicomweb", session=session, headers={"Authorization": f"Bearer {TOKEN}"}
+    )
     series = write_phantom(TINY, tmp_path / "ct")
     client.store_instances([ds for _, ds in read_datasets(series["dicom"])[0]])
 
     def pending_at_pacs() -> list[dict] | None:
         jobs = [a.api(f"/api/jobs/{j['id']}") for j in a.api("/api/jobs")]
         ready = len(jobs) == 1 and all(
-            j["state"] == "done" and j["destinations"].get("archive", {}).get("state") == "delivered"
-            and j["destinations"].get("pacs", {}).get("attempts", 0) >= 1 for j in jobs)
+            j["state"] == "done"
+            and j["destinations"].get("archive", {}).get("state") == "delivered"
+            and j["destinations"].get("pacs", {}).get("attempts", 0) >= 1
+            for j in jobs
+        )
         return jobs if ready else None
 
     jobs_a = wait_for("the job done, delivered to the archive, failing at the PACS", pending_at_pacs, a)
@@ -113,7 +119,10 @@ def test_backup_while_delivering_then_restore_elsewhere_delivers_each_result_onc
         names = set(tar.getnames())
     assert manifest["format"] == 1 and manifest["data_dir"] == str(a.data_dir.resolve())
     assert {k: (v["schema_version"], v["release_schema_version"]) for k, v in manifest["stores"].items()} == {
-        "jobs.db": (1, 1), "outbox.db": (1, 1), "annotations.sqlite": (1, 1)}
+        "jobs.db": (1, 1),
+        "outbox.db": (1, 1),
+        "annotations.sqlite": (1, 1),
+    }
     assert manifest["stores"]["jobs.db"]["tables"]["jobs"] == 1
     assert manifest["jobs"] == {"done": 1}
     assert manifest["deliveries"].get("delivered") == 1
@@ -129,8 +138,9 @@ def test_backup_while_delivering_then_restore_elsewhere_delivers_each_result_onc
         restore_and_deliver(tmp_path, backup, archive, pacs, nodes, jobs_a)
 
 
-def restore_and_deliver(tmp_path: Path, backup: Path, archive: Path, pacs: StoreSCP, nodes: list[SegnodeServe],
-                        jobs_a: list[dict]) -> None:
+def restore_and_deliver(
+    tmp_path: Path, backup: Path, archive: Path, pacs: StoreSCP, nodes: list[SegnodeServe], jobs_a: list[dict]
+) -> None:
     b = make_node(tmp_path / "b", pacs.port, archive)
     nodes.append(b)
     restored = segnode(b.config, "restore", str(backup), "--data-dir", str(b.data_dir))
@@ -156,7 +166,9 @@ def restore_and_deliver(tmp_path: Path, backup: Path, archive: Path, pacs: Store
     time.sleep(1.0)  # several delivery polls: nothing more may arrive
     received = [pydicom.dcmread(p, stop_before_pixels=True) for p in pacs.received_files()]
     assert sorted(str(ds.SOPInstanceUID) for ds in received) == sorted(
-        str(pydicom.dcmread(Path(j["results"], "seg.dcm"), stop_before_pixels=True).SOPInstanceUID) for j in jobs_b)
+        str(pydicom.dcmread(Path(j["results"], "seg.dcm"), stop_before_pixels=True).SOPInstanceUID)
+        for j in jobs_b
+    )
     assert {str(ds.Modality) for ds in received} == {"SEG"}
     assert len(list(archive.rglob("*.dcm"))) == 1
     assert b.stop() == 0

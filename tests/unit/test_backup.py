@@ -38,21 +38,34 @@ def test_a_0_1_0_backup_restores_elsewhere_with_its_paths_moved(old_node: Settin
     manifest = backup(old_node, tmp_path / "b.tar")
     assert (manifest["segnode"], manifest["format"]) == (__version__, 1)
     assert {k: (v["schema_version"], v["release_schema_version"]) for k, v in manifest["stores"].items()} == {
-        "jobs.db": (0, 1), "outbox.db": (0, 1), "annotations.sqlite": (0, 1)}
+        "jobs.db": (0, 1),
+        "outbox.db": (0, 1),
+        "annotations.sqlite": (0, 1),
+    }
     assert manifest["jobs"] == {"queued": 1} and manifest["deliveries"] == {"pending": 1}
     # The fixture's staged SEG is not on disk here: the backup says so rather than failing.
     assert manifest["files"] == {"outbox": 0, "corrections": 1} and manifest["missing"] == [
-        "data/outbox/1.2.3.4.5.6.dcm"]
+        "data/outbox/1.2.3.4.5.6.dcm"
+    ]
     with tarfile.open(tmp_path / "b.tar") as tar:
-        assert sorted(tar.getnames()) == ["data/annotations.sqlite", "data/corrections/1.2.3.4/v1.dcm",
-                                          "data/jobs.db", "data/outbox.db", "manifest.json"]
+        assert sorted(tar.getnames()) == [
+            "data/annotations.sqlite",
+            "data/corrections/1.2.3.4/v1.dcm",
+            "data/jobs.db",
+            "data/outbox.db",
+            "manifest.json",
+        ]
 
     # Rows written at OLD: a restore moves them to the new folder (as if the backup came from there).
     manifest["data_dir"] = OLD
     rewritten = tmp_path / "from-old.tar"
     with tarfile.open(tmp_path / "b.tar") as src, tarfile.open(rewritten, "w") as dst:
         for member in src.getmembers():
-            data = json.dumps(manifest).encode() if member.name == "manifest.json" else src.extractfile(member).read()
+            data = (
+                json.dumps(manifest).encode()
+                if member.name == "manifest.json"
+                else src.extractfile(member).read()
+            )
             member.size = len(data)
             dst.addfile(member, io.BytesIO(data))
     new = tmp_path / "new"
@@ -83,13 +96,22 @@ def _tar(path: Path, entries: dict[str, bytes]) -> Path:
 
 
 def test_a_backup_from_a_newer_release_or_with_unsafe_entries_is_refused(tmp_path: Path) -> None:
-    newer = {"format": 1, "segnode": "0.9.0", "data_dir": "/x", "config": {},
-             "stores": {"outbox.db": {"schema_version": 3, "sha256": ""}}}
+    newer = {
+        "format": 1,
+        "segnode": "0.9.0",
+        "data_dir": "/x",
+        "config": {},
+        "stores": {"outbox.db": {"schema_version": 3, "sha256": ""}},
+    }
     with pytest.raises(BackupError) as refused:
         restore(_tar(tmp_path / "n.tar", {"manifest.json": json.dumps(newer).encode()}), tmp_path / "a")
-    assert (refused.value.code, str(refused.value)) == ("too_new", (
-        f"the backup's outbox (outbox.db) has schema version 3 (segnode 0.9.0); segnode {__version__} reads up "
-        "to version 1: restore it with segnode 0.9.0 or later"))
+    assert (refused.value.code, str(refused.value)) == (
+        "too_new",
+        (
+            f"the backup's outbox (outbox.db) has schema version 3 (segnode 0.9.0); segnode {__version__} reads up "
+            "to version 1: restore it with segnode 0.9.0 or later"
+        ),
+    )
     fine = {**newer, "stores": {}}
     evil = _tar(tmp_path / "e.tar", {"manifest.json": json.dumps(fine).encode(), "data/../../escape": b"x"})
     with pytest.raises(BackupError, match=r"refusing the entry 'data/\.\./\.\./escape'"):

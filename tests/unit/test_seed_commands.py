@@ -27,7 +27,7 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 def table() -> dict[int, str]:
     """Row number -> the segnode command of that row of the README's seed-workflow table."""
     text = README.read_text(encoding="utf-8")
-    section = text[text.index("### Coming from the seed workflow"):]
+    section = text[text.index("### Coming from the seed workflow") :]
     rows = {}
     for line in section.splitlines():
         match = re.match(r"^\| (\d+) \| .* \| `(segnode [^`]+)`", line)
@@ -59,9 +59,14 @@ class Workspace:
         self.labels = read_nifti(phantom["labels"])
         # What `TotalSegmentator --roi_subset ...` writes: one mask per class (its liver includes the vessels).
         (root / "split_support").mkdir()
-        for name, ids in (("liver", (5, 201, 202)), ("portal_vein_and_splenic_vein", (64,)),
-                          ("inferior_vena_cava", (63,))):
-            mask = Volume(np.isin(self.labels.array, ids).astype(np.uint8), self.labels.geometry, self.labels.source)
+        for name, ids in (
+            ("liver", (5, 201, 202)),
+            ("portal_vein_and_splenic_vein", (64,)),
+            ("inferior_vena_cava", (63,)),
+        ):
+            mask = Volume(
+                np.isin(self.labels.array, ids).astype(np.uint8), self.labels.geometry, self.labels.source
+            )
             write_nifti(mask, root / "split_support" / f"{name}.nii.gz")
         (root / "custom_materials.json").write_text(json.dumps({"liver": [0.35, 0.05, 0.04, 1.0]}))
         self.done: dict[int, Any] = {}
@@ -109,7 +114,9 @@ def test_1_dicom_to_nifti(ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> Non
 def test_2_png_slices_with_a_percentile_window(ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
     result = row(ws, monkeypatch, 2)
     assert result.exit_code == 0, result.output
-    counts = {p: len(list((ws.root / "dicom_slices" / p).glob("*.png"))) for p in ("axial", "coronal", "sagittal")}
+    counts = {
+        p: len(list((ws.root / "dicom_slices" / p).glob("*.png"))) for p in ("axial", "coronal", "sagittal")
+    }
     assert counts == {"axial": 40, "coronal": 64, "sagittal": 64}
 
 
@@ -146,21 +153,33 @@ def test_5_materials_and_the_slice_add_on(ws: Workspace, monkeypatch: pytest.Mon
 
 def _weights_missing(output: str) -> None:
     assert "[weights_missing]" in output
-    assert ("Dataset291_TotalSegmentator_part1_organs_1559subj.zip from "
-            "https://github.com/wasserth/TotalSegmentator/releases/tag/v2.0.0-weights") in output
+    assert (
+        "Dataset291_TotalSegmentator_part1_organs_1559subj.zip from "
+        "https://github.com/wasserth/TotalSegmentator/releases/tag/v2.0.0-weights"
+    ) in output
 
 
 def test_6_support_labels_need_totalsegmentator_and_name_its_zips(
-        ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
-    result = row(ws, monkeypatch, 6, SEGNODE_SEGMENTATION__ENGINE="totalsegmentator",
-                 SEGNODE_SEGMENTATION__WEIGHTS_DIR=str(ws.root / "no-weights"))
+    ws: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    result = row(
+        ws,
+        monkeypatch,
+        6,
+        SEGNODE_SEGMENTATION__ENGINE="totalsegmentator",
+        SEGNODE_SEGMENTATION__WEIGHTS_DIR=str(ws.root / "no-weights"),
+    )
     assert result.exit_code == 1
-    assert ("TotalSegmentator task 'total' --roi_subset portal_vein_and_splenic_vein inferior_vena_cava liver "
-            "needs weights") in result.output
+    assert (
+        "TotalSegmentator task 'total' --roi_subset portal_vein_and_splenic_vein inferior_vena_cava liver "
+        "needs weights"
+    ) in result.output
     _weights_missing(result.output)
 
 
-def test_7_enhanced_liver_mode_runs_the_liver_vessel_stage(ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_7_enhanced_liver_mode_runs_the_liver_vessel_stage(
+    ws: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
     result = row(ws, monkeypatch, 7)
     assert result.exit_code == 0, result.output
     report = json.loads((ws.root / "results_case01" / "report.json").read_text())
@@ -175,15 +194,20 @@ def test_8_split_with_support_labels(ws: Workspace, monkeypatch: pytest.MonkeyPa
     assert result.exit_code == 0, result.output
     out = ws.root / "results_case01"
     meta = json.loads((out / "enhanced_liver_vessels_metadata.json").read_text())
-    assert meta["support_source"] == {"liver": "split_support_dir", "inferior_vena_cava": "split_support_dir",
-                                      "portal_vein_and_splenic_vein": "split_support_dir"}
+    assert meta["support_source"] == {
+        "liver": "split_support_dir",
+        "inferior_vena_cava": "split_support_dir",
+        "portal_vein_and_splenic_vein": "split_support_dir",
+    }
     assert meta["liver_voxels"] == int(read_nifti(ws.root / "split_support" / "liver.nii.gz").array.sum())
     assert "portal_hepatic_split_qc" in meta
     for name in ("enhanced_liver_vessels", "portal_vein_branches", "hepatic_veins", "liver_vessels_labeled"):
         assert (out / f"{name}.nii.gz").is_file()
 
 
-def test_9_generated_support_needs_totalsegmentator_weights(ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_9_generated_support_needs_totalsegmentator_weights(
+    ws: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
     result = row(ws, monkeypatch, 9, SEGNODE_SEGMENTATION__WEIGHTS_DIR=str(ws.root / "no-weights"))
     assert result.exit_code == 1
     assert "liver_vessels: failed" in result.output
@@ -191,16 +215,18 @@ def test_9_generated_support_needs_totalsegmentator_weights(ws: Workspace, monke
 
 
 @pytest.mark.parametrize("tail, fast", [("", True), (" true", True), (" false", False), ("=yes", True)])
-def test_10_fast_as_a_flag_or_with_a_value(ws: Workspace, monkeypatch: pytest.MonkeyPatch, tail: str,
-                                           fast: bool) -> None:
+def test_10_fast_as_a_flag_or_with_a_value(
+    ws: Workspace, monkeypatch: pytest.MonkeyPatch, tail: str, fast: bool
+) -> None:
     command = ROWS[10].split(" (")[0] if tail == "" else ROWS[10].replace("--fast", f"--fast{tail}")
     result = segnode(ws, monkeypatch, command)
     assert result.exit_code == 0, result.output
     assert json.loads((ws.root / "segmentations" / "report.json").read_text())["engine"]["fast"] is fast
 
 
-def test_flags_show_as_flags_and_roi_subset_has_both_spellings(ws: Workspace,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_flags_show_as_flags_and_roi_subset_has_both_spellings(
+    ws: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
     help_text = segnode(ws, monkeypatch, "segnode run --help", COLUMNS="200").output
     fast = next(line for line in help_text.splitlines() if "--fast " in line and "3 mm" in line)
     assert "<bool>" not in fast

@@ -69,7 +69,12 @@ def test_the_0_1_0_job_store_is_migrated_after_a_backup_copy(data: Path) -> None
     job = store.get(JOB_ID)
     assert job is not None
     assert (job.state, job.series_uid, job.instance_count, job.rule, job.folder) == (
-        "queued", "1.2.3.4", 40, "ct-threshold", "/var/lib/segnode-fixture/spool/1.2.3/1.2.3.4")
+        "queued",
+        "1.2.3.4",
+        40,
+        "ct-threshold",
+        "/var/lib/segnode-fixture/spool/1.2.3/1.2.3.4",
+    )
     assert [s["series_uid"] for s in store.series()] == ["1.2.3.4"]
     store.close()
     assert _version(data / "jobs.db") == 1
@@ -118,7 +123,12 @@ def test_the_0_1_0_annotation_log_is_migrated(data: Path) -> None:
     try:
         (row,) = log.rows()
         assert (row["user"], row["version"], row["slices"], row["labels"], row["time"]) == (
-            "reader", 1, "3;4", "liver", "2026-12-01T10:00:00.000Z")
+            "reader",
+            1,
+            "3;4",
+            "liver",
+            "2026-12-01T10:00:00.000Z",
+        )
         assert log.latest("1.2.3.4")["seg_uid"] == "1.2.3.4.7"  # type: ignore[index]
     finally:
         log.close()
@@ -138,7 +148,8 @@ def test_a_store_of_a_newer_release_is_refused_naming_both_versions(data: Path) 
     assert str(refused.value) == (
         f"{data / 'jobs.db'} is a job store of schema version 2 (written by segnode 0.9.0); segnode "
         f"{__version__} reads up to version 1. Run a release that knows version 2, or restore a backup made "
-        f"by segnode {__version__}.")
+        f"by segnode {__version__}."
+    )
     assert _version(data / "jobs.db") == 2
 
 
@@ -149,14 +160,25 @@ def test_a_failing_migration_leaves_the_store_as_it_was(tmp_path: Path) -> None:
     db.execute("insert into t values (1)")
     db.commit()
     db.close()
-    broken = Schema("test store", 2, statements("create table if not exists t (a, b)"),
-                    migrations={0: ("alter table t add column b",), 1: ("update t set nope = 1",)})
-    with pytest.raises(SchemaError, match=r"migrating the test store from version 0 to 2 failed \(no such "
-                                          r"column: nope\); the store is unchanged"):
+    broken = Schema(
+        "test store",
+        2,
+        statements("create table if not exists t (a, b)"),
+        migrations={0: ("alter table t add column b",), 1: ("update t set nope = 1",)},
+    )
+    with pytest.raises(
+        SchemaError,
+        match=r"migrating the test store from version 0 to 2 failed \(no such "
+        r"column: nope\); the store is unchanged",
+    ):
         open_store(path, broken)
     assert _version(path) == 0 and _rows(path, "t") == [(1,)]
-    good = Schema("test store", 2, statements("create table if not exists t (a, b)"),
-                  migrations={0: ("alter table t add column b",), 1: ("update t set b = a * 10",)})
+    good = Schema(
+        "test store",
+        2,
+        statements("create table if not exists t (a, b)"),
+        migrations={0: ("alter table t add column b",), 1: ("update t set b = a * 10",)},
+    )
     open_store(path, good).close()
     assert _version(path) == 2 and _rows(path, "t") == [(1, 10)]
 

@@ -29,12 +29,20 @@ def test_the_zips_and_release_pages_come_from_totalsegmentators_code() -> None:
     assert release_download_base() == f"{RELEASES}/download"
     z = weights_zip(297)
     assert (z.folder, z.zip, z.url, z.release_page, z.where, z.checksum) == (
-        D297, f"{D297}.zip", f"{RELEASES}/download/v2.0.0-weights/{D297}.zip", f"{RELEASES}/tag/v2.0.0-weights",
-        "GitHub release v2.0.0-weights", None)
+        D297,
+        f"{D297}.zip",
+        f"{RELEASES}/download/v2.0.0-weights/{D297}.zip",
+        f"{RELEASES}/tag/v2.0.0-weights",
+        "GitHub release v2.0.0-weights",
+        None,
+    )
     assert weights_zip(852).release_page == f"{RELEASES}/tag/v2.5.0-weights"
     licensed = weights_zip(301)  # heartchambers_highres: a licensed model
     assert (licensed.zip, licensed.url, licensed.where) == (
-        None, None, "TotalSegmentator's licence server (a licensed model: ask its authors)")
+        None,
+        None,
+        "TotalSegmentator's licence server (a licensed model: ask its authors)",
+    )
     with pytest.raises(WeightsError, match="knows no dataset 1"):
         weights_zip(1)
 
@@ -43,7 +51,12 @@ def test_totalsegmentator_records_no_checksum_for_any_zip() -> None:
     from totalsegmentator.map_tasks_config import TASK_ID_WEIGHTS_CONFIGS
 
     keys = {k for info in TASK_ID_WEIGHTS_CONFIGS.values() for k in info}
-    assert keys == {"foldername", "version", "rel_path", "commercial"}  # folder, release, licence: no checksum
+    assert keys == {
+        "foldername",
+        "version",
+        "rel_path",
+        "commercial",
+    }  # folder, release, licence: no checksum
     assert all(weights_zip(i).checksum is None for i in TASK_ID_WEIGHTS_CONFIGS if isinstance(i, int))
 
 
@@ -60,7 +73,9 @@ def test_import_checks_the_sha256_given_and_the_crcs(tmp_path: Path) -> None:
     with pytest.raises(WeightsError) as wrong:
         import_weights(archive, tmp_path / "home", expected_sha256="0" * 64)
     assert (wrong.value.code, str(wrong.value)) == (
-        "checksum_mismatch", f"{archive}: SHA-256 {digest}, expected {'0' * 64}; not imported")
+        "checksum_mismatch",
+        f"{archive}: SHA-256 {digest}, expected {'0' * 64}; not imported",
+    )
     assert not (tmp_path / "home" / "nnunet" / "results" / D297).exists()
     (done,) = import_weights(archive, tmp_path / "home", expected_sha256=digest.upper())
     assert (done.name, done.action, done.sha256) == (D297, "installed", digest)
@@ -68,7 +83,7 @@ def test_import_checks_the_sha256_given_and_the_crcs(tmp_path: Path) -> None:
     damaged = tmp_path / "damaged.zip"
     data = bytearray(archive.read_bytes())
     at = data.index(b"w" * 1000)
-    data[at:at + 4] = b"xxxx"  # the stored member's bytes no longer match its CRC
+    data[at : at + 4] = b"xxxx"  # the stored member's bytes no longer match its CRC
     damaged.write_bytes(bytes(data))
     with pytest.raises(WeightsError, match=r"fails its CRC check \(a damaged copy\); not imported") as bad:
         import_weights(damaged, tmp_path / "other")
@@ -86,9 +101,14 @@ def test_the_commands_say_where_the_zips_are_and_what_was_checked(tmp_path: Path
     assert data["checksums"] == NO_CHECKSUM.format(version="2.18.0")
     archive = _weights_zip(tmp_path / f"{D297}.zip")
     digest = hashlib.sha256(archive.read_bytes()).hexdigest()
-    imported = runner.invoke(app, ["weights", "import", str(archive), "--weights-dir", str(tmp_path / "home")])
+    imported = runner.invoke(
+        app, ["weights", "import", str(archive), "--weights-dir", str(tmp_path / "home")]
+    )
     assert imported.exit_code == 0, imported.output
-    assert f"sha256: {digest} (TotalSegmentator 2.18.0 records no checksum" in " ".join(imported.output.split())
-    refused = runner.invoke(app, ["weights", "import", str(archive), "--weights-dir", str(tmp_path / "h2"),
-                                  "--sha256", "ab" * 32])
+    assert f"sha256: {digest} (TotalSegmentator 2.18.0 records no checksum" in " ".join(
+        imported.output.split()
+    )
+    refused = runner.invoke(
+        app, ["weights", "import", str(archive), "--weights-dir", str(tmp_path / "h2"), "--sha256", "ab" * 32]
+    )
     assert refused.exit_code == 1 and "[checksum_mismatch]" in refused.output
