@@ -94,7 +94,7 @@ def written_by(db: sqlite3.Connection) -> str | None:
 def _too_new(path: Path, schema: Schema, found: int, db: sqlite3.Connection) -> SchemaError:
     by = written_by(db)
     return SchemaError(
-        f"{path} is a {schema.name} of schema version {found}"
+        f"{path} has {schema.name} schema version {found}"
         + (f" (written by segnode {by})" if by else "")
         + f"; segnode {_release()} reads up to version {schema.version}. Run a release that knows version "
         f"{found}, or restore a backup made by segnode {_release()}."

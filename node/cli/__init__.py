@@ -17,7 +17,7 @@ from node import __version__
 from node.cli.admin import doctor_command, install_service_command
 from node.cli.artifacts import blender_command, mesh_command, slices_command
 from node.cli.backup import backup_command, restore_command
-from node.cli.common import _start_logging, _State, out
+from node.cli.common import _start_logging, _State, fail, out
 from node.cli.config import config_app
 from node.cli.flags import FlagsGroup, install
 from node.cli.network import listen_command, send_command, serve_command, viewer_command, worker_command
@@ -59,6 +59,14 @@ class _Segnode(FlagsGroup):
 
     def parse_args(self, ctx, args):  # type: ignore[no-untyped-def]
         return super().parse_args(ctx, hoist_config(list(args)))
+
+    def invoke(self, ctx):  # type: ignore[no-untyped-def]
+        from node.sqlite import SchemaError
+
+        try:
+            return super().invoke(ctx)
+        except SchemaError as exc:  # a store of a newer release: one line, and no restart helps (exit 2)
+            raise fail(str(exc), 2) from None
 
 
 app = typer.Typer(

@@ -146,7 +146,7 @@ def test_a_store_of_a_newer_release_is_refused_naming_both_versions(data: Path) 
     with pytest.raises(SchemaError) as refused:
         SqliteBackend(data / "jobs.db")
     assert str(refused.value) == (
-        f"{data / 'jobs.db'} is a job store of schema version 2 (written by segnode 0.9.0); segnode "
+        f"{data / 'jobs.db'} has job store schema version 2 (written by segnode 0.9.0); segnode "
         f"{__version__} reads up to version 1. Run a release that knows version 2, or restore a backup made "
         f"by segnode {__version__}."
     )
@@ -204,3 +204,25 @@ def test_the_spool_index_is_stamped_and_a_newer_one_rebuilt(tmp_path: Path) -> N
     names = [r[1] for r in _rows(tmp_path / "spool" / "index.sqlite", "sqlite_master")]
     assert "from_the_future" not in names and "instances" in names
     assert _version(tmp_path / "spool" / "index.sqlite") == 1
+
+
+def test_a_command_meeting_a_newer_store_says_so_in_one_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from node.cli import app
+
+    data = tmp_path / "data"
+    data.mkdir()
+    db = sqlite3.connect(data / "outbox.db")
+    db.execute("create table deliveries (x)")
+    db.execute("pragma user_version = 4")
+    db.commit()
+    db.close()
+    config = tmp_path / "node.toml"
+    config.write_text(f'[node]\ndata_dir = "{data}"\n')
+    result = CliRunner().invoke(app, ["--config", str(config), "outbox", "status"])
+    assert result.exit_code == 2  # as a config error: restarting cannot help
+    assert " ".join(result.output.split()) == (
+        f"error: {data / 'outbox.db'} has outbox schema version 4; segnode {__version__} reads up to "
+        f"version 1. Run a release that knows version 4, or restore a backup made by segnode {__version__}."
+    )
