@@ -319,3 +319,23 @@ def test_an_sr_without_its_seg_and_outputs_without_a_dicom_source_are_skipped_wi
     assert "no DICOM source" in stages["rtstruct"][1]
     assert stages["review"][0] == "done"  # the sheet is made; only its DICOM instance needs a source
     assert (tmp_path / "out" / "review.png").is_file() and not (tmp_path / "out" / "review.dcm").exists()
+
+
+def test_the_fast_measurement_groups_are_highdicom_s_item_for_item(run: PipelineResult) -> None:
+    """The SR's groups are built as plain datasets for speed: each equals what highdicom's
+    VolumetricROIMeasurementsAndQualitativeEvaluations writes for the same structure."""
+    from node.dicom.codes import segment_codes
+    from node.dicom.sr import _segment_numbers, build_sr, volumetric_group
+
+    seg = pydicom.dcmread(run.paths["seg"], stop_before_pixels=True)
+    numbers = _segment_numbers(seg)
+    rows = run.report["structures"][:3]
+    reference = build_sr(seg, rows, segment_numbers=numbers, classes=run.labels.classes)
+    theirs = list(reference[0].ContentSequence[-1].ContentSequence)
+    from node import __version__
+
+    for row, group in zip(rows, theirs):
+        tracking_uid = group.ContentSequence[1].UID  # highdicom's own, given to ours
+        ours = volumetric_group(row, numbers[row["id"]], segment_codes(run.labels.classes[row["id"]]), seg,
+                                tracking_uid, ("segnode", __version__))
+        assert pydicom.Dataset(ours).to_json_dict() == pydicom.Dataset(group).to_json_dict(), row["name"]
