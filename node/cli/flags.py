@@ -12,6 +12,7 @@ the liver vessel pipeline: ``../shared/reference/``), on top of typer's (click's
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any
 
@@ -80,8 +81,28 @@ def _show_as_flags(command: Any) -> None:
             option.metavar = ""
 
 
+def _help_without_type(option: Any) -> Any:
+    """``--help`` shown as the flag it is (typer makes it per call, so :func:`_show_as_flags` misses it)."""
+    if option is not None and option.metavar is None:
+        option.metavar = ""
+    return option
+
+
+@functools.cache
+def _with_flag_help(cls: type) -> type:
+    """``cls`` (a command's class) with :func:`_help_without_type` on its help option."""
+
+    def get_help_option(self: Any, ctx: Any) -> Any:
+        return _help_without_type(cls.get_help_option(self, ctx))  # type: ignore[attr-defined]
+
+    return type(f"Flags{cls.__name__}", (cls,), {"get_help_option": get_help_option, "flag_help": True})
+
+
 class FlagsGroup(TyperGroup):
     """A group whose commands parse their arguments through :func:`normalise`."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        return _help_without_type(super().get_help_option(ctx))
 
     def resolve_command(self, ctx: Any, args: list[str]) -> tuple[Any, Any, list[str]]:
         name, command, rest = super().resolve_command(ctx, args)
@@ -98,5 +119,7 @@ def install(group: TyperGroup) -> None:
                 command.__class__ = type(f"Flags{type(command).__name__}", (FlagsGroup, type(command)), {})
             install(command)
         else:
+            if not getattr(command, "flag_help", False):
+                command.__class__ = _with_flag_help(type(command))
             _show_as_flags(command)
     _show_as_flags(group)

@@ -230,6 +230,9 @@ def test_flags_show_as_flags_and_roi_subset_has_both_spellings(
     help_text = segnode(ws, monkeypatch, "segnode run --help", COLUMNS="200").output
     fast = next(line for line in help_text.splitlines() if "--fast " in line and "3 mm" in line)
     assert "<bool>" not in fast
+    assert all("<bool>" not in line for line in help_text.splitlines())  # --help, --write-empty ... too
+    weights_help = segnode(ws, monkeypatch, "segnode weights status --help", COLUMNS="200").output
+    assert "--json" in weights_help and "<bool>" not in weights_help  # sub-apps' flags as well
     assert "--roi_subset,--roi-subset" in help_text
     for spelling in ("--roi_subset", "--roi-subset"):
         result = segnode(ws, monkeypatch, f"segnode run data/case01.nii.gz roi {spelling} fat bone")
