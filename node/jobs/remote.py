@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from node.config import Settings
+from node.errors import NodeError
 from node.jobs.store import Job
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,13 @@ class RunLost(Exception):
 
 class NodeUnreachable(OSError):
     """The node did not answer while the run could still wait for it."""
+
+
+class SeriesGone(NodeError):
+    """The node no longer has the job's series (410: spool retention removed it): bad input, not retried."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("series_gone", message)
 
 
 class IncompleteSeries(OSError):
@@ -380,6 +388,8 @@ class NodeClient:
                     if response.status_code in (404, 409):
                         run.lost.set()
                         raise RunLost(f"job {run.job.id}: fetch refused: {response.text[:200]}")
+                    if response.status_code == 410:
+                        raise SeriesGone(f"the node no longer has the series of job {run.job.id}")
                     if response.status_code != 200:
                         raise IncompleteSeries(f"fetch: HTTP {response.status_code}: {response.text[:200]}")
                     expected = (int(response.headers["x-segnode-files"]), int(response.headers["x-segnode-bytes"]))

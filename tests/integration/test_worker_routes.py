@@ -208,3 +208,39 @@ def test_a_cpu_worker_cannot_claim_a_gpu_job(env: Env) -> None:
     assert env.claim(job, device="gpu:1")
     waiting = env.request("GET", f"/api/jobs/{env.job(device='gpu').id}", USER).json()
     assert waiting["waiting"] is None  # a GPU worker was seen just now
+
+
+def test_the_worker_client_runs_a_job_through_the_routes(env: Env, tmp_path: Path) -> None:
+    """NodeClient (what ``segnode worker --node`` uses) against the routes: claim, fetch into its own
+    folder, the SEG delivered at once, the rest uploaded with "done"; a series gone from the spool is
+    bad input (not retried)."""
+    from node.jobs.remote import NodeClient, SeriesGone
+
+    settings = Settings(node={"data_dir": tmp_path / "worker"}, worker={"node_url": env.url, "token": W1})
+    client = NodeClient(settings, "h:9:w")
+    assert client.hello() == 30
+    job = client.claim(env.job().id, "h:9:w")
+    assert job is not None and job.folder == "" and env.store.get(job.id).worker == "h:9:w:one"
+    with client.inputs(job) as folder:
+        assert folder.parent.parent == tmp_path / "worker" / "inputs"
+        assert sorted(p.read_bytes() for p in folder.iterdir()) == sorted(p.read_bytes() for p in env.folder.iterdir())
+    assert not (tmp_path / "worker" / "inputs" / job.id).exists()
+    outdir = tmp_path / "worker" / "results" / job.id / job.run_id
+    (outdir / "meshes").mkdir(parents=True)
+    (outdir / "seg.dcm").write_bytes(b"seg")
+    (outdir / "meshes" / "liver.stl").write_bytes(b"solid")
+    client.deliver(job, "seg", outdir / "seg.dcm")
+    assert env.calls["output"] == [(job.id, "seg", b"seg")]
+    assert client.finish(job.id, job.run_id, str(outdir), {"fetch": 0.1})
+    stored = env.store.get(job.id)
+    assert stored.state == "done" and set(stored.timings) == {"fetch", "upload"}
+    assert (Path(stored.results) / "meshes" / "liver.stl").read_bytes() == b"solid"
+    assert env.calls["done"] == [(job.id, Path(stored.results))]
+    assert not client.heartbeat(job.id, job.run_id)  # the run is over here too
+
+    other = client.claim(env.job().id, "h:9:w")
+    for path in env.folder.iterdir():
+        path.unlink()
+    with pytest.raises(SeriesGone, match="no longer has the series"):
+        with client.inputs(other):
+            pass
