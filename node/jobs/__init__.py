@@ -120,14 +120,16 @@ def reconcile(store: JobStore, enqueue: Callable[[str, float], None], *, stale_a
 
     huey drops a message when a worker takes it, so a worker that dies mid-job leaves a job that only
     its record remembers. Running jobs whose worker is gone (a dead process on this host, silent for
-    ``stale_after`` s, or any with ``all_running_are_orphans``, when this process is the only worker)
-    are queued again, or failed once their attempts are used up. With ``resend_queued`` every queued
+    ``stale_after`` s: its lease expired, or any with ``all_running_are_orphans``, when this process is
+    the only worker) are queued again, or failed once their attempts are used up. With ``resend_queued`` every queued
     job gets a message too (a duplicate is harmless: only one run can claim a job).
     """
     dead = (lambda worker: True) if all_running_are_orphans else dead_on_this_host
     counts = {"requeued": 0, "failed": 0, "queued": 0}
     for job in store.orphans(stale_after, dead):
-        after = store.orphaned(job.id, "the worker died during the run")
+        reason = ("the worker died during the run" if dead(job.worker or "") else
+                  f"the worker's lease expired (no heartbeat for {stale_after:g} s)")
+        after = store.orphaned(job.id, reason)
         if after is None:
             continue
         log.warning("job %s series %s: worker gone mid-run; now %s", job.id, job.series_uid, after.state)

@@ -108,9 +108,12 @@ def worker_id() -> str:
 
 
 def dead_on_this_host(worker: str) -> bool:
-    """True when ``worker`` ran on this host in a process that no longer exists."""
-    host, pid, token = (worker.split(":") + ["", ""])[:3]
-    if host != socket.gethostname() or not pid.isdigit():
+    """True when ``worker`` ran on this host in a process that no longer exists. Never for a remote
+    worker (``host:pid:token:name``, claimed through ``/api/worker``): its host name says nothing
+    about this machine's processes (containers share names), so only its lease tells."""
+    parts = worker.split(":")
+    host, pid, token = (parts + ["", ""])[:3]
+    if len(parts) > 3 or host != socket.gethostname() or not pid.isdigit():
         return False
     if int(pid) == os.getpid():
         return token != _PROCESS_TOKEN

@@ -185,6 +185,7 @@ def test_a_worker_killed_mid_job_loses_its_lease_and_the_other_finishes_it_once(
     job = node.wait_job(lambda j: j["id"] == job_id and j["state"] == "done" and delivered_once(j), timeout=60)
     events = [e["event"] for e in job["history"]]
     assert events == ["queued", "running", "requeued", "running", "done"]
+    assert job["history"][2]["detail"] == "the worker's lease expired (no heartbeat for 2 s)"
     assert job["attempts"] == 2 and int(job["worker"].split(":")[1]) == other.pid
     assert job["destinations"]["out"]["delivered"] == 1 and job["destinations"]["out"]["attempts"] == 1
     assert [str(s.ReferencedSeriesSequence[0].SeriesInstanceUID) for s in segs(tmp_path / "out")] == [series_uid]
@@ -199,6 +200,39 @@ def test_a_worker_killed_mid_job_loses_its_lease_and_the_other_finishes_it_once(
     assert after["destinations"]["out"]["attempts"] == 1
     assert len(segs(tmp_path / "out")) == 1
     assert job_id not in (victim.workdir / "worker-2.log").read_text()  # the new process never touched it
+
+
+def test_a_silent_worker_loses_its_lease_and_its_late_run_changes_nothing(
+        cluster, tmp_path: Path, phantom: Path) -> None:
+    """SIGSTOP (alive, silent): the lease expires, the other worker finishes the job; SIGCONT: the late
+    run is told it lost the job (409), drops it and delivers nothing."""
+    node = cluster(lease_s=2)
+    hold = tmp_path / "release"
+    workers = [cluster.worker(f"w{i}", node.url, env={"SEGNODE_TEST_HOLD_SEGMENT": str(hold)}) for i in range(2)]
+    for w in workers:
+        w.wait_ready()
+    [(series_uid, folder)] = copies(phantom, tmp_path / "series", 1)
+
+    storescu([folder], "127.0.0.1", node.dicom_port, "SEGNODE")
+    marker = wait_until(lambda: next(iter(tmp_path.glob("release.*")), None), 30, "a run in its segment stage")
+    late = next(w for w in workers if marker.name == f"release.{w.pid}")
+    job_id = marker.read_text()
+    late.process.send_signal(signal.SIGSTOP)
+    hold.touch()
+    job = node.wait_job(lambda j: j["id"] == job_id and j["state"] == "done" and delivered_once(j), timeout=60)
+    events = [e["event"] for e in job["history"]]
+    assert events == ["queued", "running", "requeued", "running", "done"]
+    assert job["history"][2]["detail"] == "the worker's lease expired (no heartbeat for 2 s)"
+
+    late.process.send_signal(signal.SIGCONT)
+    wait_until(lambda: "lost the job" in late.log() or "taken from it meanwhile" in late.log(), 30,
+               "the late run told it lost the job")
+    wait_until(lambda: not any(p.is_file() for p in late.data_dir.rglob("*")), 10, "the late run's files removed")
+    time.sleep(1)
+    after = node.api(f"/api/jobs/{job_id}")
+    assert [e["event"] for e in after["history"]] == events and after["results"] == job["results"]
+    assert after["destinations"]["out"]["attempts"] == 1 and len(segs(tmp_path / "out")) == 1
+    assert " 409" in node.log() and f"/api/worker/jobs/{job_id}/" in node.log()
 
 
 class CuttingProxy:

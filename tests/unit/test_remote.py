@@ -86,3 +86,15 @@ def test_device_kinds_and_the_queues_a_worker_reads() -> None:
     row = next(r for r in workers.list() if r["id"] == "h:2:b")
     assert (row["job"], row["jobs"], row["fetch_seconds"], row["upload_seconds"], row["host"]) == (
         None, {"done": 1}, 0.5, 0.25, "h")
+
+
+def test_a_remote_workers_pid_is_never_probed() -> None:
+    """Only the lease tells whether a remote worker is alive: its ``host:pid`` may name a process of
+    another machine (or container) with the node's host name."""
+    import socket
+
+    from node.jobs.store import dead_on_this_host
+
+    gone = 2**22 + 17  # above Linux's default pid_max: no such process
+    assert dead_on_this_host(f"{socket.gethostname()}:{gone}:abc123") is True
+    assert dead_on_this_host(f"{socket.gethostname()}:{gone}:abc123:gpu-box-1") is False
