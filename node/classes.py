@@ -45,6 +45,9 @@ class LabelVolume(Volume):
     """A label array (0 = background) on a grid, with the table of its classes."""
 
     classes: dict[int, LabelClass] = field(default_factory=dict)
+    #: What producing the labels cost (model load, preprocessing, network, export, memory); the
+    #: engine's, for report.json ``inference``. None: the engine reports nothing.
+    inference: dict | None = None
 
     def present_ids(self) -> list[int]:
         """Ids that occur in the array, without background."""

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
@@ -201,6 +201,35 @@ class SegmentationSection(_Section):
     robust_crop: bool = False
     #: TotalSegmentator's home (weights and its config.json); default: <data_dir>/totalsegmentator.
     weights_dir: Path | None = None
+    #: TotalSegmentator's pipeline in the worker process on predictors kept loaded (warm inference,
+    #: node.segment.resident); false: its python_api per job (new predictor, temp files, processes).
+    resident: bool = True
+    #: Predictors a worker process keeps loaded (least recently used evicted): 7 holds `total`'s five
+    #: parts, its 6 mm crop model and the 3 mm --fast model.
+    cache_models: int = Field(default=7, ge=1)
+    #: Budget for the cached weights in MB (one copy per fold plus the network's); 0 = count only.
+    cache_memory_mb: int = Field(default=0, ge=0)
+    #: Tasks whose models a worker loads when it starts, in the background; /healthz says "warming"
+    #: until they are loaded, and a job that needs one meanwhile waits for that load.
+    preload: list[str] = []
+    #: `segnode serve`: one resident worker per device, each taking the next job (e.g. ["gpu:0", "gpu:1"]);
+    #: empty = one per [queue] workers on `device`.
+    devices: list[str] = []
+    #: Body envelope: nnU-Net's sliding window runs only over the body's bounding box plus this margin
+    #: (mm); the rest is background. 0 = off.
+    envelope_mm: float = Field(default=20.0, ge=0)
+    #: torch.compile the networks (nnU-Net's nnUNet_compile); pays off on GPUs for long-running workers.
+    compile: bool = False
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, value: list[str]) -> list[str]:
+        import re
+
+        bad = [d for d in value if not re.fullmatch(r"cpu|gpu|gpu:\d+|mps", d)]
+        if bad:
+            raise ValueError(f"devices must be cpu, gpu, gpu:N or mps, got {bad}")
+        return value
 
 
 class Destination(_Section):

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -62,6 +62,40 @@ class _JobStates(Collector):
 
 _JOB_STATES = _JobStates()
 REGISTRY.register(_JOB_STATES)
+
+
+class _ModelCache(Collector):
+    """The warm-inference model cache of this process (node.segment.predictors), at scrape time."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        from node.segment.predictors import default_cache, inference_totals
+
+        cache = default_cache()
+        stats = cache.stats
+        for name, doc, value in (("hits", "Model cache lookups that found the predictor loaded.", stats.hits),
+                                 ("misses", "Model cache lookups that loaded the predictor.", stats.misses),
+                                 ("evictions", "Predictors evicted (least recently used).", stats.evictions)):
+            yield CounterMetricFamily(f"segnode_model_cache_{name}", doc, value=value)
+        yield CounterMetricFamily("segnode_model_load_seconds", "Seconds spent loading predictors.",
+                                  value=stats.load_seconds)
+        yield GaugeMetricFamily("segnode_models_loaded", "Predictors loaded in this process.",
+                                value=len(cache.loaded()))
+        yield GaugeMetricFamily("segnode_model_cache_bytes", "Bytes of weights the model cache holds.",
+                                value=cache.nbytes())
+        runs = CounterMetricFamily("segnode_inference_runs", "Warm inference runs.", labels=["task", "device"])
+        seconds = CounterMetricFamily("segnode_inference_seconds", "Warm inference seconds.",
+                                      labels=["task", "device"])
+        for (task, device), (n, s) in sorted(inference_totals().items()):
+            runs.add_metric([task, device], n)
+            seconds.add_metric([task, device], s)
+        yield runs
+        yield seconds
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return iter(())
+
+
+REGISTRY.register(_ModelCache())
 
 
 def count_jobs_with(counts: Callable[[], dict[str, int]] | None) -> None:

@@ -143,6 +143,8 @@ def request_from_settings(
             roi_subset=tuple(roi_subset or getattr(seg, "roi_subset", ()) or ()),
             robust_crop=bool(getattr(seg, "robust_crop", False) if robust_crop is None else robust_crop),
             device=device or seg.device, threads=seg.threads, weights_dir=weights_dir,
+            resident=bool(getattr(seg, "resident", True)), envelope_mm=float(getattr(seg, "envelope_mm", 20.0)),
+            compile=bool(getattr(seg, "compile", False)),
             labels_path=labels_path, options=dict(options or {}),
         ),
         series_uid=series_uid,
@@ -277,6 +279,8 @@ def run_pipeline(
             engine = get_engine(request.segment.engine)
             labels = engine.segment(ct, request.segment)
             labels = _checked(labels, ct, request.segment)
+            if getattr(labels, "inference", None) is not None:
+                report["inference"] = labels.inference
         source_path = None if isinstance(input, Volume) or str(input).endswith((".nii", ".nii.gz")) else Path(input)
         ctx = PipelineContext(ct=ct, labels=labels, request=request, outdir=outdir, source_path=source_path,
                               source_headers=headers, stages_run=run.stages)
@@ -524,7 +528,7 @@ def _describe_engine(request: SegmentRequest) -> dict[str, Any]:
     return {
         "name": request.engine, "task": request.task, "fast": request.fast, "fastest": request.fastest,
         "roi_subset": list(request.roi_subset), "robust_crop": request.robust_crop, "device": request.device,
-        "threads": request.threads,
+        "threads": request.threads, "resident": request.resident, "envelope_mm": request.envelope_mm,
         "labels": None if request.labels_path is None else str(request.labels_path),
         "options": {str(k): v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
                     for k, v in request.options.items()},

@@ -126,8 +126,12 @@ def kind_of_job(store: JobStore) -> Callable[[str], str]:
     return kind
 
 
-def _warm_up() -> None:
-    """In the background: what the first job would otherwise pay (highdicom's import and tables)."""
+def _warm_up(settings: Settings) -> None:
+    """In the background: what the first job would otherwise pay (highdicom's import and tables; the
+    ``[segmentation] preload`` models, per device, into this process's model cache)."""
+    from node.segment import warmup
+
+    warmup.start(settings, devices=list(settings.segmentation.devices) or None)
 
     def run() -> None:
         try:
@@ -158,6 +162,17 @@ def _drain(queue: JobQueue, runner: JobRunner, grace: float) -> int:
     else:
         log.info("stop: no job running")
     return len(left)
+
+
+def _workers(settings: Settings) -> int:
+    """Local worker threads: ``[queue] workers`` (0: none), at least one per ``[segmentation] devices``."""
+    workers = settings.queue.workers
+    return max(workers, len(settings.segmentation.devices)) if workers else 0
+
+
+def _local_device(settings: Settings) -> str:
+    """The device that decides which queues the local workers take: the first of ``devices``, or ``device``."""
+    return (list(settings.segmentation.devices) or [settings.segmentation.device])[0]
 
 
 def serve(settings: Settings, *, on_started: Callable[[], None] | None = None) -> int:
@@ -204,14 +219,14 @@ def serve(settings: Settings, *, on_started: Callable[[], None] | None = None) -
                  counts["requeued"], counts["failed"], counts["queued"])
         receiver.start()
         local = worker_id()
-        if settings.queue.workers:
-            queue.start(settings.queue.workers, kinds=queue_kinds_for(settings.segmentation.device))
+        if _workers(settings):
+            queue.start(_workers(settings), kinds=queue_kinds_for(_local_device(settings)))
             workers.seen(local, name="local", device=settings.segmentation.device, job=None)
         caught_up = outbox.catch_up(store.list("done", limit=1000))
         if caught_up:
             log.info("outbox: %d done job(s) had results not yet queued; queued now", caught_up)
         outbox.start()
-        _warm_up()
+        _warm_up(settings)
         tick = ((lambda: workers.seen(local, name="local", device=settings.segmentation.device))
                 if settings.queue.workers else (lambda: None))
         threading.Thread(target=_watch_orphans, args=(store, queue.enqueue, settings.queue.stale_after_s, stop, tick),
@@ -267,7 +282,7 @@ def work(settings: Settings) -> int:
     outbox = Outbox.from_settings(settings, on_change=store.set_destinations)
     runner.append(JobRunner(store, settings, enqueue=queue.enqueue, hooks=(outbox.enqueue_results,),
                             on_output=(outbox.enqueue_output,)))
-    _warm_up()
+    _warm_up(settings)
     _reload_on_sighup()
     settings.segmentation.device = settings.worker.device = settings.worker.device or settings.segmentation.device
     kinds = queue_kinds_for(settings.worker.device)
@@ -319,7 +334,7 @@ def work_remote(settings: Settings) -> int:
     runner = JobRunner(client, settings, hooks=(client.cleanup,), on_output=(client.deliver,),  # type: ignore[arg-type]
                        inputs=client.inputs)
     queue = JobQueue(make_hueys(settings), runner.run)
-    _warm_up()
+    _warm_up(settings)
     _reload_on_sighup()
     kinds = queue_kinds_for(settings.worker.device)
     stop = _stop_on_signals()

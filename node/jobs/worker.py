@@ -176,6 +176,8 @@ class JobRunner:
         #: Runs in progress in this process: job id -> (run id, the run's "lost" event).
         self._active: dict[str, tuple[str, threading.Event]] = {}
         self._active_lock = threading.Lock()
+        self._devices: dict[int, str] = {}  # worker thread -> its [segmentation] devices entry
+        self._devices_lock = threading.Lock()
 
     def __call__(self, job_id: str) -> None:
         self.run(job_id)
@@ -209,7 +211,7 @@ class JobRunner:
             outdir.mkdir(parents=True, exist_ok=True)
             progress = self._progress(job, clock, lost)
             clock.enter("prepare")
-            request = self.request(job, self.settings)
+            request = self._on_device(self.request(job, self.settings))
             if self.inputs is None:
                 result = self.pipeline(Path(job.folder), outdir, request, progress)
             else:  # a remote worker: the series is fetched first (stage "fetch"), removed after the run
@@ -256,6 +258,18 @@ class JobRunner:
                 if self.enqueue is not None:
                     self.enqueue(job_id, 0.0)
         return released
+
+    def _on_device(self, request: Any) -> Any:
+        """``[segmentation] devices``: each worker thread keeps one device (assigned in turn), so one
+        resident worker per GPU takes the next job."""
+        devices = list(getattr(self.settings.segmentation, "devices", []) or [])
+        if not devices or not hasattr(request, "segment"):
+            return request
+        from dataclasses import replace
+
+        with self._devices_lock:
+            device = self._devices.setdefault(threading.get_ident(), devices[len(self._devices) % len(devices)])
+        return replace(request, segment=replace(request.segment, device=device))
 
     @staticmethod
     def _discard(outdir: Path) -> None:

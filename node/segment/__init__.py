@@ -25,6 +25,13 @@ class SegmentRequest:
     threads: int = 2
     #: TotalSegmentator's home (its config.json and nnunet/results weights).
     weights_dir: Path | None = None
+    #: TotalSegmentator in this process on cached predictors (:mod:`node.segment.resident`); False:
+    #: through its ``python_api`` entry point (a new predictor, temporary files, worker processes).
+    resident: bool = True
+    #: Body envelope margin in mm for the sliding window (:mod:`node.segment.envelope`); 0 = off.
+    envelope_mm: float = 20.0
+    #: torch.compile the networks (nnU-Net's ``nnUNet_compile``); resident only.
+    compile: bool = False
     #: For the ``labelmap`` engine: a multilabel NIfTI or a folder of per-class masks.
     labels_path: Path | None = None
     options: dict[str, object] = field(default_factory=dict)

@@ -298,13 +298,19 @@ class TotalSegmentatorEngine:
 
     def segment(self, volume: Volume, request: SegmentRequest) -> LabelVolume:
         from node.nifti import from_nifti_image, to_nifti_image
-        from node.segment.snomed import task_classes
 
         home, ids = self.check(request)
         notes: list[str] = []
         device = _device(request.device, notes)
         threads = max(1, int(request.threads))
         write_totalseg_config(home)
+        if request.resident:
+            from node.segment.resident import Unsupported
+
+            try:
+                return self._segment_resident(volume, request, home, ids, device, threads, notes)
+            except Unsupported as exc:
+                notes.append(f"warm inference does not reproduce {exc}: TotalSegmentator's entry point ran")
         with _LOCK:
             api = load_totalsegmentator()
             image = to_nifti_image(volume)
@@ -329,13 +335,52 @@ class TotalSegmentatorEngine:
                 ) from exc
 
         labels = from_nifti_image(result)
-        if labels.array.shape != volume.array.shape or not labels.geometry.same_grid(volume.geometry):
+        return self._labels(volume, request, labels.array, labels.geometry, ids, device, threads, notes, None)
+
+    def _segment_resident(self, volume: Volume, request: SegmentRequest, home: Path, ids: list[int],
+                          device: str, threads: int, notes: list[str]) -> LabelVolume:
+        """TotalSegmentator's pipeline in this process on cached predictors (:mod:`node.segment.resident`)."""
+        from node.nifti import to_nifti_image
+        from node.segment.resident import ResidentRunner, Unsupported
+
+        load_totalsegmentator()
+        runner = ResidentRunner(home, device=device, threads=threads, envelope_mm=request.envelope_mm,
+                                compile=request.compile)
+        try:
+            xyz = runner.run(
+                to_nifti_image(volume), request.task, fast=request.fast, fastest=request.fastest,
+                roi_subset=list(request.roi_subset) or None, robust_crop=True if request.robust_crop else None,
+            )
+        except (SegmentationError, Unsupported):
+            raise
+        except SystemExit as exc:
+            raise SegmentationError("totalsegmentator_failed", f"TotalSegmentator stopped: {exc.code}") from None
+        except Exception as exc:
+            raise SegmentationError(
+                "totalsegmentator_failed", f"TotalSegmentator failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        info = runner.info.as_dict()
+        notes.append(
+            f"warm inference: {info['cache_hits']} model(s) cached, {info['cache_misses']} loaded "
+            f"({info['load_s']:.2f} s); tiles run {info['tiles_run']}, skipped by the envelope "
+            f"{info['tiles_skipped']}" + (f"; {'; '.join(info['retries'])}" if info["retries"] else "")
+        )
+        return self._labels(volume, request, xyz.transpose(2, 1, 0), volume.geometry, ids, device, threads,
+                            notes, info)
+
+    def _labels(self, volume: Volume, request: SegmentRequest, array: np.ndarray, geometry: Any,
+                ids: list[int], device: str, threads: int, notes: list[str],
+                inference: dict[str, Any] | None) -> LabelVolume:
+        from node.segment.snomed import task_classes
+
+        if array.shape != volume.array.shape or not geometry.same_grid(volume.geometry):
+            k, j, i = array.shape
             raise SegmentationError(
                 "geometry_mismatch",
-                f"TotalSegmentator returned labels of shape {labels.shape_ijk} on another grid than the input "
+                f"TotalSegmentator returned labels of shape {(i, j, k)} on another grid than the input "
                 f"{volume.shape_ijk}; refused rather than resampled",
             )
-        array = np.ascontiguousarray(labels.array).astype(np.uint8, copy=False)
+        array = np.ascontiguousarray(array).astype(np.uint8, copy=False)
         classes = task_classes(request.task, request.roi_subset)
         unknown = sorted(set(np.unique(array).tolist()) - set(classes) - {0})
         if unknown:
@@ -350,5 +395,6 @@ class TotalSegmentatorEngine:
             + f"; datasets {', '.join(str(i) for i in ids)}; device {device}; threads {threads}",
         )
         return LabelVolume(
-            array=array, geometry=volume.geometry, source=volume.source, notes=notes, classes=classes
+            array=array, geometry=volume.geometry, source=volume.source, notes=notes, classes=classes,
+            inference=inference,
         )

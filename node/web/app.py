@@ -1,7 +1,8 @@
 """The node's HTTP app (Starlette): job and series API, STOW-RS, health and metrics.
 
 =============================  ============================================================
-``GET  /healthz``              liveness (no authentication); 503: job store or spool unusable
+``GET  /healthz``              liveness (no authentication); 503: job store or spool unusable, or
+                               the worker still loading its ``preload`` models (``warming``)
 ``GET  /metrics``              Prometheus text format
 ``GET  /api/series``           series the router saw, newest first, with its decision and job
 ``GET  /api/jobs``             jobs, newest first (``?state=failed&limit=50&offset=0``)
@@ -40,6 +41,7 @@ from node.config import Settings
 from node import metrics
 from node.jobs.store import STATES, Job, JobStore
 from node.jobs.workers import WorkerRegistry, job_device, queue_kind
+from node.segment import warmup
 from node.web.annotations import AnnotationLog
 from node.web.auth import TokenAuth
 from node.web.dashboard import Dashboard, PublicPages
@@ -117,7 +119,16 @@ def create_app(ctx: AppContext) -> Starlette:
         problem = ctx.ingest_problem()
         if problem is not None:
             return JSONResponse({"status": "error", "detail": problem}, status_code=503)
-        return JSONResponse({"status": "ok", "version": __version__})
+        warm = warmup.state()  # [segmentation] preload: not ready until the models are loaded
+        if warm.state == "warming":
+            return JSONResponse({"status": "warming", "detail": warm.detail, "models": warm.models},
+                                status_code=503)
+        body: dict[str, Any] = {"status": "ok", "version": __version__}
+        if warm.state in ("ready", "failed") and (warm.models or warm.detail):
+            body["models"] = warm.models
+            if warm.detail:
+                body["detail"] = warm.detail
+        return JSONResponse(body)
 
     def metrics_text(request: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
