@@ -32,6 +32,11 @@ def state() -> WarmupState:
         return WarmupState(_STATE.state, _STATE.detail, list(_STATE.models))
 
 
+def reset() -> None:
+    """Back to ``idle`` (tests; a process that stops preloading)."""
+    _set("idle", "", [])
+
+
 def _set(value: str, detail: str = "", models: list[str] | None = None) -> None:
     with _LOCK:
         _STATE.state, _STATE.detail = value, detail

@@ -159,3 +159,138 @@ def test_labels_equal_the_cli_voxel_for_voxel(case: str, envelope_mm: float, hom
         assert info["tiles_skipped"] == 0
     if case == "total_mr":  # MR models normalise per image: never an envelope
         assert info["tiles_skipped"] == 0 and all(m["envelope"] is None for m in info["models"])
+
+
+@pytest.fixture
+def cache():
+    """The process's model cache, emptied before and after, its bound restored."""
+    cache = default_cache()
+    cache.clear()
+    yield cache
+    cache.configure(max_models=7, max_bytes=None)
+    cache.clear()
+
+
+def test_two_jobs_in_one_worker_load_each_model_once(cache, home: Path, phantom_ct: Volume, tmp_path: Path) -> None:
+    from node.pipeline import PipelineRequest, run_pipeline
+
+    request = PipelineRequest(segment=SegmentRequest(engine="totalsegmentator", task="total", fast=True,
+                                                     weights_dir=home, threads=2, envelope_mm=ENVELOPE_MM))
+    before = (cache.stats.loads, cache.stats.hits, cache.stats.misses)
+    first = run_pipeline(phantom_ct, tmp_path / "one", request)
+    second = run_pipeline(phantom_ct, tmp_path / "two", request)
+    assert (first.state, second.state) == ("done", "done")
+    after = (cache.stats.loads, cache.stats.hits, cache.stats.misses)
+    assert tuple(a - b for a, b in zip(after, before)) == (1, 1, 1)  # dataset 297: loaded once, then hit
+    one, two = first.report["inference"], second.report["inference"]
+    assert (one["cache_misses"], one["cache_hits"], two["cache_misses"], two["cache_hits"]) == (1, 0, 0, 1)
+    assert one["load_s"] > 0 and two["load_s"] == 0
+    assert two["tiles_run"] == one["tiles_run"] > 0 and two["tiles_skipped"] == one["tiles_skipped"] > 0
+    assert two["peak_rss_mb"] > 0 and set(two) >= {"preprocess_s", "network_s", "export_s", "peak_gpu_mb"}
+    assert np.array_equal(first.labels.array, second.labels.array)
+    # the report on disk says the same
+    import json
+
+    on_disk = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert on_disk["inference"]["cache_hits"] == 1 and on_disk["engine"]["envelope_mm"] == ENVELOPE_MM
+
+
+def test_eviction_with_one_model_cached_gives_the_same_labels(cache, home: Path, phantom_ct: Volume) -> None:
+    cache.configure(max_models=1)
+    before = (cache.stats.loads, cache.stats.evictions)
+    runs = [node_run(home, phantom_ct, task=task, fast=True).array
+            for task in ("total", "total_mr", "total", "total_mr")]
+    assert (cache.stats.loads - before[0], cache.stats.evictions - before[1]) == (4, 3)
+    assert len(cache.loaded()) == 1
+    assert np.array_equal(runs[0], runs[2]) and np.array_equal(runs[1], runs[3])
+    assert not np.array_equal(runs[0], runs[1])  # two different models (liver 5 vs total_mr's ids)
+
+
+def test_cuda_out_of_memory_is_retried_and_reported(cache, home: Path, phantom_ct: Volume,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Injected: the first sliding window raises torch's CUDA OOM error; the job is retried on the CPU."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    reference = node_run(home, phantom_ct, task="total", fast=True).array
+    real = nnUNetPredictor.predict_logits_from_preprocessed_data
+    calls: list[int] = []
+
+    def oom_once(self, data):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, data)
+
+    monkeypatch.setattr(nnUNetPredictor, "predict_logits_from_preprocessed_data", oom_once)
+    result = node_run(home, phantom_ct, task="total", fast=True)
+    assert np.array_equal(result.array, reference)
+    assert len(calls) == 2
+    assert result.inference["retries"] == ["OutOfMemoryError on cpu: retried on the CPU"]
+    assert "OutOfMemoryError on cpu: retried on the CPU" in result.notes[-1]
+
+    def always_oom(self, data):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(nnUNetPredictor, "predict_logits_from_preprocessed_data", always_oom)
+    from node.segment import SegmentationError
+
+    with pytest.raises(SegmentationError) as caught:  # the retry failed too: the job fails, coded
+        node_run(home, phantom_ct, task="total", fast=True)
+    assert caught.value.code == "totalsegmentator_failed" and "OutOfMemoryError" in str(caught.value)
+
+
+def test_preload_warming_then_ready_and_a_job_meanwhile_waits(cache, home: Path, phantom_ct: Volume,
+                                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    import httpx
+
+    from node.config import Settings
+    from node.jobs import open_store
+    from node.segment import warmup
+    from node.segment.predictors import load_predictor
+    from node.web.app import AppContext, create_app
+    from tests.servers import serve_in_thread
+
+    gate = threading.Event()
+
+    def gated(key):  # the preload's load is held until the test has seen "warming"
+        gate.wait(60)
+        return load_predictor(key)
+
+    monkeypatch.setattr(cache, "loader", gated)
+    settings = Settings(node={"data_dir": tmp_path / "data"},
+                        segmentation={"engine": "totalsegmentator", "task": "total", "fast": True,
+                                      "weights_dir": str(home), "preload": ["total"], "cache_models": 3})
+    store = open_store(settings)
+    loads = cache.stats.loads
+    try:
+        with serve_in_thread(create_app(AppContext(settings, store, lambda *a: None))) as url, \
+                httpx.Client(base_url=url, trust_env=False, timeout=10) as http:
+            thread = warmup.start(settings)
+            assert thread is not None and cache.max_models == 3
+            response = http.get("/healthz")
+            assert response.status_code == 503
+            assert response.json()["status"] == "warming"
+            assert response.json()["detail"] == "loading the models of total"
+
+            job: dict = {}
+            worker = threading.Thread(target=lambda: job.update(labels=node_run(home, phantom_ct, task="total",
+                                                                                fast=True)))
+            worker.start()
+            worker.join(1.0)
+            assert worker.is_alive()  # waiting for the preload's load, not loading a second copy
+            gate.set()
+            thread.join(60)
+            worker.join(60)
+            assert not worker.is_alive() and job["labels"].present_ids()
+            assert cache.stats.loads - loads == 1
+            assert job["labels"].inference["cache_hits"] == 1
+            body = http.get("/healthz").json()
+            assert body["status"] == "ok"
+            assert body["models"] == ["Dataset297_TotalSegmentator_total_3mm_1559subj on cpu"]
+    finally:
+        gate.set()
+        warmup.reset()
+        store.close()
