@@ -218,8 +218,8 @@ class ResidentRunner:
 
         cfg = get_task_config(task, fast=fast, fastest=fastest, quiet=True, robust_crop=robust_crop,
                               plans="nnUNetPlans", model_size="big")
-        if cfg.get("cascade") or task == "vertebrae_pp_refined":
-            raise Unsupported(f"task {task} runs a cascade")
+        if cfg.get("cascade") or task in ("vertebrae_pp", "vertebrae_pp_refined"):
+            raise Unsupported(f"task {task}'s cascade or vertebra post-processing")
         crop_model, crop_addon = cfg.get("crop_model"), cfg.get("crop_addon")
         remove_outside, remove_dilation = cfg.get("remove_outside"), cfg.get("remove_outside_dilation")
         crop = cfg.get("crop")
@@ -386,8 +386,6 @@ class ResidentRunner:
                                                ["body_extremities"], interval=[50000 / vox_vol, 1e10],
                                                debug=False, quiet=True)
             img_pred = nib.Nifti1Image(pp, img_pred.affine)
-        if task_name == "vertebrae_pp":
-            raise Unsupported("vertebrae_pp post-processing")
         if resample is not None:
             img_pred = change_spacing(img_pred, resample, img_in_shape, order=0, dtype=np.uint8,
                                       nr_cpus=self.threads, force_affine=img_in.affine, use_gpu=use_gpu)
