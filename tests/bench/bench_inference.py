@@ -204,13 +204,19 @@ NODE_JOBS = textwrap.dedent("""
 
 def run_node(home: Path, ct: Path, out_dir: Path, total: bool, threads: int) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-c", NODE_JOBS, str(home), str(ct), str(out_dir),
-                           "total" if total else "fast", str(threads)],
-                          cwd=REPO, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"node jobs failed: {done.stdout[-2000:]} {done.stderr[-3000:]}")
-    line = next(l for l in done.stdout.splitlines() if l.startswith("ROWS "))
-    return json.loads(line[5:])
+    process = subprocess.Popen([sys.executable, "-c", NODE_JOBS, str(home), str(ct), str(out_dir),
+                                "total" if total else "fast", str(threads)],
+                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rows = None
+    for line in process.stdout:  # each job's row as soon as it is done
+        if line.startswith("ROWS "):
+            rows = json.loads(line[5:])
+        elif line.startswith("{"):
+            print("  node:", line.strip(), flush=True)
+    error = process.stderr.read()
+    if process.wait() != 0 or rows is None:
+        raise RuntimeError(f"node jobs failed: {error[-3000:]}")
+    return rows
 
 
 def bench_case(name: str, home: Path, work: Path, total: bool, threads: int) -> list[dict]:
@@ -226,6 +232,7 @@ def bench_case(name: str, home: Path, work: Path, total: bool, threads: int) -> 
     body = ct.array > -500
     mode = "total" if total else "total --fast"
     cli = run_cli(home, ct_path, case_dir / "cli.nii.gz", total)
+    print(f"  {name} {mode}: cli {cli['wall_s']:.1f} s, peak RSS {cli['peak_rss_mb']:.0f} MB", flush=True)
     cli_labels = np.asanyarray(nib.load(case_dir / "cli.nii.gz").dataobj).astype(np.uint8).transpose(2, 1, 0)
     rows = [cli] + run_node(home, ct_path, case_dir, total, threads)
     for row in rows:
