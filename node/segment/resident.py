@@ -323,8 +323,10 @@ class ResidentRunner:
         img_in = as_closest_canonical(img_in)
         use_gpu = self.device.startswith("cuda")
         img_in_shape = img_in.shape
+        # nr_cpus=1: change_spacing's joblib loop runs over the channels (one here), so more workers only
+        # start loky processes; the result does not depend on it.
         if resample is not None:
-            img_in_rsp = change_spacing(img_in, resample, order=1, dtype=np.int32, nr_cpus=self.threads,
+            img_in_rsp = change_spacing(img_in, resample, order=1, dtype=np.int32, nr_cpus=1,
                                         use_gpu=use_gpu)
         else:
             img_in_rsp = img_in
@@ -388,7 +390,7 @@ class ResidentRunner:
             img_pred = nib.Nifti1Image(pp, img_pred.affine)
         if resample is not None:
             img_pred = change_spacing(img_pred, resample, img_in_shape, order=0, dtype=np.uint8,
-                                      nr_cpus=self.threads, force_affine=img_in.affine, use_gpu=use_gpu)
+                                      nr_cpus=1, force_affine=img_in.affine, use_gpu=use_gpu)
         img_pred = undo_canonical(img_pred, img_in_orig)
         if bbox is not None:
             img_pred = undo_crop(img_pred, img_in_orig, bbox)
