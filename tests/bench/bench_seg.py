@@ -86,7 +86,8 @@ _MEASURE = textwrap.dedent("""
     array = np.load(sys.argv[1])
     datasets, geometry = source_datasets(array.shape)
     labels = LabelVolume(array, geometry)
-    options = SegOptions(fast=sys.argv[2] == "segnode", series_uid="1.2.826.0.1.3680043.8.498.1",
+    options = SegOptions(fast=sys.argv[2] == "segnode", segmentation_type=sys.argv[5],
+                         series_uid="1.2.826.0.1.3680043.8.498.1",
                          sop_uid="1.2.826.0.1.3680043.8.498.2", content_date="20260101",
                          content_time="120000")
     with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to what is resident now: the inputs
@@ -111,7 +112,7 @@ def test_binary_seg_time_and_memory_117_classes(tmp_path: Path) -> None:
     for mode in ("highdicom", "segnode"):
         out = tmp_path / f"{mode}.dcm"
         result = subprocess.run([sys.executable, "-c", _MEASURE, str(tmp_path / "labels.npy"), mode, str(out),
-                                 str(REPO)], cwd=REPO, check=True, capture_output=True, text=True)
+                                 str(REPO), "BINARY"], cwd=REPO, check=True, capture_output=True, text=True)
         rows[mode] = r = json.loads(result.stdout.strip().splitlines()[-1])
         frames = int(pydicom.dcmread(out, stop_before_pixels=True).NumberOfFrames)
         print(f"{mode:>10} {r['seconds']:8.2f} {r['seconds'] / rows['highdicom']['seconds']:12.2f} "
@@ -139,3 +140,13 @@ def test_binary_seg_time_and_memory_117_classes(tmp_path: Path) -> None:
     print(f"same attributes and pixel data; segnode's reader and highdicom decode the label map exactly; "
           f"ratio {rows['segnode']['seconds'] / rows['highdicom']['seconds']:.2f} in time, "
           f"{rows['segnode']['rss_peak_mb'] / rows['highdicom']['rss_peak_mb']:.2f} in peak RSS")
+
+    # The same labels as LABELMAP (what the node's AUTO type writes for them), by size and time.
+    out = tmp_path / "labelmap.dcm"
+    result = subprocess.run([sys.executable, "-c", _MEASURE, str(tmp_path / "labels.npy"), "segnode", str(out),
+                             str(REPO), "LABELMAP"], cwd=REPO, check=True, capture_output=True, text=True)
+    r = json.loads(result.stdout.strip().splitlines()[-1])
+    binary_mb, labelmap_mb = (tmp_path / "segnode.dcm").stat().st_size / 1e6, out.stat().st_size / 1e6
+    print(f"LABELMAP: {r['seconds']:.2f} s, {labelmap_mb:.1f} MB = {labelmap_mb / binary_mb:.2f} x BINARY's "
+          f"{binary_mb:.1f} MB")
+    np.testing.assert_array_equal(read_seg(out, source).array, array)

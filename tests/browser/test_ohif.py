@@ -11,7 +11,8 @@ into one Orthanc. The cases (:data:`CASES`): the TINY phantom's SEG as the node 
 a LABELMAP, and the node's SEG on grids whose frames are not whole bytes (291 x 227 and 127 x 127, where
 the node writes LABELMAP by itself). In OHIF, one page for all cases, each SEG is opened as a user does
 (double-click its thumbnail, confirm the prompt), then read through ``window.services`` (OHIF's
-services) and ``window.cornerstone``.
+services) and ``window.cornerstone``. The binary case's study also holds the node's RTSTRUCT: its
+contours are checked as written and on the screen.
 
 Screenshots: ``test-output/browser/ohif-<case>-*.png``.
 """
@@ -103,10 +104,12 @@ class Case:
     seg_options: dict[str, Any]
     #: The SegmentationType the node writes.
     kind: str
+    #: The run's outputs (the binary case's study also gets the node's RTSTRUCT).
+    outputs: tuple[str, ...] = ("seg",)
 
 
 CASES = [
-    Case("binary", TINY, {}, "BINARY"),
+    Case("binary", TINY, {}, "BINARY", ("seg", "rtstruct")),
     Case("labelmap", TINY, {"type": "LABELMAP", "series_description": "segnode SEG LABELMAP"}, "LABELMAP"),
     # Rows x Columns not a multiple of 8: the node writes LABELMAP by itself (BINARY frames would start
     # inside a byte: OHIF fails to load 291 x 227 and shears 127 x 127).
@@ -127,6 +130,8 @@ class Study:
     #: Segment number of each label id (0 for the background).
     numbers: np.ndarray
     viewer: str
+    #: The run's other DICOM outputs, by name (``rtstruct``).
+    others: dict[str, Path]
 
 
 @dataclass
@@ -152,7 +157,7 @@ def studies(tmp_path_factory: pytest.TempPathFactory, ohif_dist: Path,
     tmp = tmp_path_factory.mktemp("ohif")
     made = []
     for case in CASES:
-        phantom, run = phantom_seg(tmp / case.name, case.spec, case.seg_options)
+        phantom, run = phantom_seg(tmp / case.name, case.spec, case.seg_options, case.outputs)
         seg_path = run.paths["seg"]
         parsed = parse_seg(seg_path)
         assert parsed.segmentation_type == case.kind, case.name
@@ -165,16 +170,18 @@ def studies(tmp_path_factory: pytest.TempPathFactory, ohif_dist: Path,
     orthanc = SecureOrthanc(workdir=tmp / "orthanc")
     orthanc.start()
     try:
-        for _, phantom, seg_path, *_ in made:
-            for path in [*sorted(phantom["dicom"].glob("*.dcm")), seg_path]:
+        for _, phantom, seg_path, run, *_ in made:
+            others = [run.paths[name] for name in ("rtstruct",) if name in run.paths]
+            for path in [*sorted(phantom["dicom"].glob("*.dcm")), seg_path, *others]:
                 orthanc.rest_post("/instances", path.read_bytes())
         app = create_viewer_app(ohif_dist, orthanc.dicomweb_url, username=USER, password=PASSWORD)
         with serve_in_thread(app) as url:
             out = {}
             for case, _, seg_path, run, truth, numbers in made:
                 seg = pydicom.dcmread(seg_path, stop_before_pixels=True)
+                others = {name: run.paths[name] for name in ("rtstruct",) if name in run.paths}
                 out[case.name] = Study(case, str(seg.StudyInstanceUID), seg_path, seg, run.ct, truth, numbers,
-                                       url)
+                                       url, others)
             assert len({study.uid for study in out.values()}) == 3  # the TINY cases share their study
             yield out
     finally:
@@ -395,3 +402,150 @@ def settled_viewport(page, box: list[float], tries: int = 40) -> np.ndarray:
             return shot
         previous = shot
     raise AssertionError(f"the viewport did not settle in {tries} screenshots")
+
+
+#: Most a pixel on a drawn contour may differ from the CT's grey blended with its ROI's colour (24: where
+#: two ROIs' lines cross or share a boundary, the anti-aliased edges of both mix).
+LINE_TOLERANCE = 24
+
+
+def test_the_rtstruct_contours_are_drawn_at_their_place(studies: dict[str, Study], page, screenshots) -> None:
+    """The node's RTSTRUCT (node/dicom/rtstruct.py) over the CT: every ROI with its name, colour and
+    contours as written; on the slice with the most ROIs, each contour drawn through its own points in
+    its colour, and nothing drawn away from the contours."""
+    study = studies["binary"]
+    rt = pydicom.dcmread(study.others["rtstruct"])
+    names = {int(item.ROINumber): str(item.ROIName) for item in rt.StructureSetROISequence}
+    written = {}
+    for item in rt.ROIContourSequence:
+        contours = sorted((np.round(np.asarray(c.ContourData, float).reshape(-1, 3), 3).tolist()
+                           for c in item.ContourSequence), key=lambda c: (c[0][2], c[0][1], c[0][0], len(c)))
+        color = tuple(int(v) for v in item.ROIDisplayColor)
+        written[names[int(item.ReferencedROINumber)]] = (color, contours)
+    page, problems = page
+    problems.clear()
+    page.goto(f"{study.viewer}/viewer?StudyInstanceUIDs={study.uid}")
+    page.wait_for_function(f"() => {{ try {{ {VIEWPORT_JS} return !!viewport.getCurrentImageId(); }} "
+                           "catch (e) { return false; } }")
+    thumbnail = page.locator("[data-cy^=study-browser-thumbnail]").filter(
+        has=page.locator("[data-cy=series-modality-label]", has_text="RTSTRUCT"))
+    thumbnail.dblclick()
+    page.get_by_role("button", name="Yes", exact=True).click()
+    contours_js = """
+        const rtSeg = s.segmentationService.getSegmentations().find(x => x.representationData.Contour);
+        const geometries = rtSeg.representationData.Contour.geometryIds.map(id => cs.cache.getGeometry(id));
+    """
+    page.wait_for_function(f"""() => {{ try {{ {VIEWPORT_JS} {contours_js}
+        return geometries.length > 0 && geometries.every(g => g && g.data)
+               && s.segmentationService.getSegmentationRepresentations(viewportId).length === 1;
+        }} catch (e) {{ return false; }} }}""")
+    shown = page.evaluate(f"""() => {{ {VIEWPORT_JS} {contours_js}
+        return geometries.map(g => [rtSeg.segments[g.data.segmentIndex].label, Array.from(g.data.color),
+                                    g.data.contours.map(c => c.points.map(p => Array.from(p)))]); }}""")
+    listed = {}
+    for label, color, contours in shown:
+        contours = sorted((np.round(np.asarray(c, float), 3).tolist() for c in contours),
+                          key=lambda c: (c[0][2], c[0][1], c[0][0], len(c)))
+        listed[label] = (tuple(color[:3]), contours)
+    assert sorted(listed) == sorted(written) and len(written) == 21
+    for name, (color, contours) in written.items():
+        assert listed[name][0] == color, name
+        assert len(listed[name][1]) == len(contours), name
+        for ours, theirs in zip(contours, listed[name][1]):
+            np.testing.assert_allclose(theirs, ours, atol=1e-3, err_msg=name)
+
+    # On the screen: the slice with the most ROIs; contours drawn minus the CT alone.
+    ct, uids = study.ct, list(study.ct.source.instance_uids)
+    inverse = np.linalg.inv(ct.geometry.affine)
+    by_k: dict[int, list[tuple[str, np.ndarray]]] = {}
+    for name, (_, contours) in written.items():
+        for contour in contours:
+            points = np.asarray(contour)
+            k = int(round((inverse @ np.append(points[0], 1.0))[2]))
+            by_k.setdefault(k, []).append((name, points))
+    k = max(by_k, key=lambda kk: len({name for name, _ in by_k[kk]}))
+    drawn = page.evaluate(f"""async ([sop, contours]) => {{ {VIEWPORT_JS} {contours_js}
+        await viewport.setImageIdIndex(viewport.getImageIds().findIndex(id => sopOf(id) === sop));
+        const box = viewport.canvas.getBoundingClientRect();
+        return {{shown: sopOf(viewport.getCurrentImageId()), box: [box.x, box.y, box.width, box.height],
+                 segmentationId: rtSeg.segmentationId, indices: geometries.map(g => g.data.segmentIndex),
+                 points: contours.map(c => c.map(p => viewport.worldToCanvas(p)))}}; }}""",
+                          [uids[k], [points.tolist() for _, points in by_k[k]]])
+    assert drawn["shown"] == uids[k]
+    def show_contours(visible: bool) -> None:
+        page.evaluate("""([id, indices, visible]) => { const s = window.services;
+            const viewportId = s.viewportGridService.getActiveViewportId();
+            for (const n of indices)
+                s.segmentationService.setSegmentVisibility(viewportId, id, n, visible); }""",
+                      [drawn["segmentationId"], drawn["indices"], visible])
+
+    def drawn_contours() -> np.ndarray:  # the view once the contours are on it (drawn after the image)
+        for _ in range(20):
+            shot = settled_viewport(page, drawn["box"])
+            if not np.array_equal(shot, ct_only):
+                return shot
+        raise AssertionError("the contours did not appear")
+
+    settled_viewport(page, drawn["box"])
+    show_contours(False)
+    ct_only = settled_viewport(page, drawn["box"])
+    show_contours(True)
+    with_rt = drawn_contours()
+    assert np.array_equal(settled_viewport(page, drawn["box"]), with_rt)
+    Image.fromarray(with_rt).save(screenshots / f"ohif-rtstruct-slice-{k}.png")
+    changed = np.abs(with_rt.astype(int) - ct_only.astype(int)).max(axis=2) > 3 * TOLERANCE
+    assert changed.sum() > 200
+    # Each contour through its own points, in its colour: at nearly every vertex a pixel of the ROI's colour
+    # (or of another ROI whose contour runs there too and is drawn over it: a liver's hole is a vessel).
+    # Two ROIs share a boundary (a liver's hole, a vessel's outline) up to the simplification tolerance
+    # (0.4 voxel): whichever is drawn last covers the other within that much.
+    world, canvas = by_k[k][0][1], np.asarray(drawn["points"][0])
+    far = int(np.argmax(np.linalg.norm(world - world[0], axis=1)))
+    px_per_mm = np.linalg.norm(canvas[far] - canvas[0]) / np.linalg.norm(world[far] - world[0])
+    shared = 0.5 * px_per_mm * min(ct.geometry.spacing[:2]) + 2.0
+    bands: dict[str, np.ndarray] = {}
+    covers: dict[str, np.ndarray] = {}
+    for (name, _), canvas in zip(by_k[k], drawn["points"]):
+        band = polyline_band(np.asarray(canvas), changed.shape, 2.0)
+        cover = polyline_band(np.asarray(canvas), changed.shape, shared)
+        bands[name] = bands[name] | band if name in bands else band
+        covers[name] = covers[name] | cover if name in covers else cover
+    near = np.logical_or.reduce(list(bands.values()))
+    for (name, _), canvas in zip(by_k[k], drawn["points"]):
+        xy = np.asarray(canvas)
+        hits = 0
+        for x, y in xy:
+            col, row = min(int(x), changed.shape[1] - 1), min(int(y), changed.shape[0] - 1)
+            allowed = np.array([written[other][0] for other, cover in covers.items() if cover[row, col]],
+                               float)
+            around = (slice(max(row - 2, 0), row + 3), slice(max(col - 2, 0), col + 3))
+            seen = with_rt[around].reshape(-1, 1, 3).astype(float)
+            grey = ct_only[around].reshape(-1, 1, 3).astype(float)
+            # An anti-aliased line pixel: the CT's grey blended with the colour at coverage a >= 0.5.
+            towards = allowed[None] - grey
+            a = ((seen - grey) * towards).sum(axis=2) / np.maximum((towards ** 2).sum(axis=2), 1e-9)
+            residual = np.abs(seen - (grey + a[..., None] * towards)).max(axis=2)
+            hits += bool(((a >= 0.5) & (residual <= LINE_TOLERANCE)).any())
+        assert hits >= 0.9 * len(xy), (
+            f"{name} on slice k={k}: {hits} of {len(xy)} vertices drawn in its colour")
+    # Nothing drawn away from the contours.
+    stray = changed & ~near
+    assert stray.sum() <= 0.01 * changed.sum(), (
+        f"{stray.sum()} of {changed.sum()} changed pixels off the contours")
+    assert problems == []
+
+
+def polyline_band(xy: np.ndarray, shape: tuple[int, int], width: float) -> np.ndarray:
+    """Pixels (by their centres) within ``width`` of the closed polyline through canvas points ``xy``."""
+    band = np.zeros(shape, bool)
+    for a, b in zip(xy, np.roll(xy, -1, axis=0)):
+        lo = np.clip(np.floor(np.minimum(a, b) - width - 1).astype(int), 0, None)
+        hi = np.minimum(np.ceil(np.maximum(a, b) + width + 1).astype(int), (shape[1] - 1, shape[0] - 1))
+        ys, xs = np.mgrid[lo[1]:hi[1] + 1, lo[0]:hi[0] + 1]
+        centres = np.stack([xs.ravel() + 0.5, ys.ravel() + 0.5], axis=1)
+        ab = b - a
+        t = np.clip(((centres - a) @ ab) / max(float(ab @ ab), 1e-9), 0, 1)
+        inside = np.linalg.norm(centres - (a + t[:, None] * ab), axis=1) <= width
+        band[ys.ravel()[inside], xs.ravel()[inside]] = True
+    return band
+
