@@ -94,7 +94,7 @@ OUTPUT_STAGES: dict[str, str] = {
     "rtstruct": "node.dicom.rtstruct:rtstruct_output",
     "sr": "node.dicom.sr:sr_output",
     "review": "node.artifacts.review:review_output",
-    "dicom_mesh": "node.dicom.mesh_dicom:dicom_mesh_output",
+    "dicom_mesh": "node.artifacts.mesh_dicom:dicom_mesh_output",
     "meshes": "node.artifacts.mesh:meshes_stage",
     "slices": "node.artifacts.slices:slices_stage",
     "blender": "node.artifacts.blender:blender_stage",

@@ -1,6 +1,8 @@
 """Artifacts beside the labels: meshes, a Blender scene with a slice add-on, PNG slices.
 
 * :mod:`node.artifacts.mesh`: one closed, manifold mesh per structure (STL/OBJ/PLY) in patient space;
+* :mod:`node.artifacts.mesh_dicom`: the meshes as Encapsulated STL instances in the study (``dicom_mesh``);
+* :mod:`node.artifacts.review`: the one-page review sheet, PNG, PDF and Encapsulated PDF (``review``);
 * :mod:`node.artifacts.slices`: PNG stacks (axial/coronal/sagittal), ``slices.json``, a contact sheet;
 * :mod:`node.artifacts.blender`: the node's side of the Blender scene (finds Blender, writes the manifest);
   :mod:`node.artifacts.blender_scene` and :mod:`node.artifacts.blender_slices_addon` run inside Blender;

@@ -225,7 +225,7 @@ def test_review_png_shows_the_labels_of_the_slices_it_names(run: PipelineResult)
 def test_dicom_meshes_hold_the_watertight_stl_files(run: PipelineResult) -> None:
     import trimesh
 
-    from node.dicom.mesh_dicom import extracted_stl
+    from node.artifacts.mesh_dicom import extracted_stl
 
     folder = run.outdir / "dicom_mesh"
     instances = sorted(folder.glob("*.dcm"))

@@ -1,6 +1,6 @@
 """Meshes as DICOM: each structure's STL in an Encapsulated 3D Manufacturing Model instance (PS3.3
-A.85.x, SOP Class 1.2.840.10008.5.1.4.1.1.104.3), one series per run in the CT's study and frame of
-reference, so that 3D-printing and surgical-planning users retrieve the meshes from the archive
+A.85.x, SOP Class 1.2.840.10008.5.1.4.1.1.104.3; the header from :mod:`node.dicom.derived`), one
+series per run in the CT's study and frame of reference, so that 3D-printing and surgical-planning users retrieve the meshes from the archive
 (Orthanc's STL plugin stores them the same way).
 
 The meshes are :mod:`node.artifacts.mesh`'s (exact voxel surface, Taubin smoothing, volume restored,
