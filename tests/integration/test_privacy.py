@@ -5,10 +5,12 @@ spelling, is in stdout, stderr or the log files. Control runs with ``log_phi = t
 same serve node after SIGHUP) show the same search finds them, so the test cannot pass for want of them.
 
 The name has a single component on purpose: highdicom then warns with it in the text (the reported leak).
-The serve node logs JSON lines to a file rotated at 0.016 MiB: every line parses, job lines carry their ids."""
+The serve node logs JSON lines to a file rotated at 0.008 MiB: every line parses, job lines carry their
+ids."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -16,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,7 +104,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (root / "rules.toml").write_text(RULES)
     config.write_text(f'[node]\ndata_dir = "{root / "var"}"\nrules = "{root / "rules.toml"}"\n'
                       f'log_file = "log/cli.log"\n[ingest]\nquiet_seconds = 2\n')
-    return {"root": root, "dicom": patient_series(root / "ct", seed=11), "xnat": root / "xnat", "config": config}
+    dicom = patient_series(root / "ct", seed=11)
+    return {"root": root, "dicom": dicom, "xnat": root / "xnat", "config": config}
 
 
 def test_every_command_keeps_patient_data_out_of_its_output(data: dict[str, Path]) -> None:
@@ -134,12 +138,14 @@ def test_every_command_keeps_patient_data_out_of_its_output(data: dict[str, Path
     seg, labels = root / "run" / "seg.dcm", root / "run" / "labels.nii.gz"
     second = {
         "seg info": segnode(*c, "seg", "info", str(seg)),
-        "seg to-nifti": segnode(*c, "seg", "to-nifti", str(seg), str(root / "back.nii.gz"), "--source", str(dicom)),
+        "seg to-nifti": segnode(*c, "seg", "to-nifti", str(seg), str(root / "back.nii.gz"),
+                                "--source", str(dicom)),
         "mesh": segnode(*c, "mesh", str(labels), str(root / "meshes"), "--mesh-smooth-iters", "0"),
         "slices": segnode(*c, "slices", str(dicom), str(root / "slices"), "--labels", str(labels),
                           "--planes", "axial", "--every", "10"),
-        "control": segnode(*c, "run", str(dicom), str(root / "control"), "--engine", "threshold", "--output-kind", "seg",
-                           env={"SEGNODE_NODE__LOG_PHI": "true", "SEGNODE_NODE__LOG_FILE": str(root / "control.log")}),
+        "control": segnode(*c, "run", str(dicom), str(root / "control"), "--engine", "threshold",
+                           "--output-kind", "seg", env={"SEGNODE_NODE__LOG_PHI": "true",
+                                                        "SEGNODE_NODE__LOG_FILE": str(root / "control.log")}),
     }
     outputs.update({name: finish(p) for name, p in second.items()})
     assert ready["ready"]["instance_count"] == 40
@@ -160,12 +166,19 @@ def node(data: dict[str, Path], tmp_path: Path) -> Iterator[SegnodeServe]:
     extra = f'[[destinations]]\nname = "archive"\nkind = "folder"\npath = "{tmp_path / "archive"}"\n' \
             '[outbox]\npoll_s = 0.2\n'
     node = SegnodeServe(tmp_path, rules=RULES, token=TOKEN, ingest="", extra=extra)
-    text = node.config.read_text().replace("[node]\n", '[node]\nlog_file = "log/node.log"\nlog_format = "json"\n'
-                                                        "log_max_mb = 0.016\nlog_backups = 100\n", 1)
+    logging = 'log_file = "log/node.log"\nlog_format = "json"\nlog_max_mb = 0.008\nlog_backups = 200\n'
+    text = node.config.read_text().replace("[node]\n", "[node]\n" + logging, 1)
     text = text.replace("[http]\n", '[http]\nadmin_users = ["test"]\n', 1)
     node.config.write_text(text.replace("quiet_seconds = 30", "quiet_seconds = 2"))
     yield node
     node.stop()
+
+
+def archived(folder: Path, count: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and len(list(folder.rglob("*.dcm"))) < count:
+        time.sleep(0.2)
+    assert len(list(folder.rglob("*.dcm"))) == count
 
 
 def wait_done(node: SegnodeServe, count: int, timeout: float = 120) -> None:
@@ -185,7 +198,8 @@ def stow(node: SegnodeServe, folder: Path) -> None:
 
     session = requests.Session()
     session.trust_env = False
-    client = DICOMwebClient(f"{node.url}/dicomweb", session=session, headers={"Authorization": f"Bearer {TOKEN}"})
+    client = DICOMwebClient(f"{node.url}/dicomweb", session=session,
+                            headers={"Authorization": f"Bearer {TOKEN}"})
     client.store_instances([pydicom.dcmread(p) for p in sorted(folder.iterdir())])
 
 
@@ -198,10 +212,7 @@ def test_the_serve_path_keeps_patient_data_out_of_its_logs(node: SegnodeServe, d
     wait_done(node, 2)
     jobs = node.api("/api/jobs")
     assert sorted(j["state"] for j in jobs) == ["done", "done"], jobs
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and len(list((tmp_path / "archive").rglob("*.dcm"))) < 2:
-        time.sleep(0.2)
-    assert len(list((tmp_path / "archive").rglob("*.dcm"))) == 2  # both SEGs delivered by the outbox
+    archived(tmp_path / "archive", 2)  # both SEGs delivered by the outbox
     # The editor: open the C-STORE series and save a correction through the API.
     series_uid = pydicom.dcmread(next(data["dicom"].iterdir()), stop_before_pixels=True).SeriesInstanceUID
     with httpx.Client(base_url=node.url, headers={"Authorization": f"Bearer {TOKEN}"}, trust_env=False,
@@ -209,33 +220,35 @@ def test_the_serve_path_keeps_patient_data_out_of_its_logs(node: SegnodeServe, d
         info = http.get(f"/api/edit/{series_uid}").json()
         plane = np.zeros((info["rows"], info["columns"]), "<u2")
         plane[20:30, 20:30] = 5
-        import base64
-        import zlib
-
         payload = {"base_version": info["version"], "token": info["token"], "encoding": "zlib",
                    "slices": {"7": base64.b64encode(zlib.compress(plane.tobytes())).decode()}}
         saved = http.post(f"/api/edit/{series_uid}/save", json=payload)
         level = http.put("/api/log-level", json={"level": "DEBUG"})
     assert saved.status_code == 201, saved.text
     assert level.json() == {"level": "DEBUG"}
-    time.sleep(1.0)  # the correction's delivery
+    archived(tmp_path / "archive", 3)  # the correction too
     folder = node.workdir / "log"  # relative to the config file's folder
     text_before = "".join(p.read_text() for p in folder.glob("node.log*"))
     assert leaks(text_before + node.log(tail=None)) == [], "patient data in the serve log"
-    assert (folder / "node.log.1").is_file() and (folder / "node.log.1").stat().st_size <= 0.016 * 2**20  # rotated
-    entries = [json.loads(line) for p in folder.glob("node.log*") for line in p.read_text().splitlines()]
-    job_lines = [e for e in entries if e["job_id"]]
-    assert {j["id"] for j in jobs} <= {e["job_id"] for e in job_lines}
-    assert all(re.fullmatch(r"[0-9.]+", e["series_uid"]) for e in job_lines if e["logger"] == "node.jobs.worker")
-    assert any("unlikely to represent" in e["message"] for e in entries)  # highdicom's warning, scrubbed
     # Control: log_phi on by SIGHUP (the config read again), one more series: now the search finds the name.
     # (Its spelling differs in case: Python shows a warning once per text, and the search ignores case.)
     node.config.write_text(node.config.read_text().replace("[node]\n", "[node]\nlog_phi = true\n", 1))
     assert node.process is not None
     node.process.send_signal(signal.SIGHUP)
-    time.sleep(0.5)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and "config reloaded: log level INFO, log_phi True" not in "".join(
+            p.read_text() for p in folder.glob("node.log*")):
+        time.sleep(0.1)
     stow(node, patient_series(tmp_path / "after", seed=13, name=NAME.title()))
     wait_done(node, 3)
     text_after = "".join(p.read_text() for p in folder.glob("node.log*"))
     assert "quenzorblatt" in leaks(text_after)
+    # The file: rotated at its size, every line JSON, every line of a job with its job id and series UID.
+    assert (folder / "node.log.1").is_file() and (folder / "node.log.1").stat().st_size <= 0.008 * 2**20
+    entries = [json.loads(line) for p in folder.glob("node.log*") for line in p.read_text().splitlines()]
+    job_lines = [e for e in entries if e["job_id"]]
+    assert {j["id"] for j in node.api("/api/jobs")} <= {e["job_id"] for e in job_lines}
+    worker_lines = [e for e in job_lines if e["logger"] == "node.jobs.worker"]
+    assert worker_lines and all(re.fullmatch(r"[0-9.]+", e["series_uid"]) for e in worker_lines)
+    assert any("unlikely to represent" in e["message"] for e in entries)  # highdicom's warning, scrubbed
     assert node.stop() == 0
