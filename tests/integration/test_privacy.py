@@ -114,7 +114,8 @@ def test_every_command_keeps_patient_data_out_of_its_output(data: dict[str, Path
     port = free_port()
     listener = segnode(*c, "listen", "--port", str(port))  # started first: it overlaps the others
     first = {
-        "run": segnode(*c, "run", str(dicom), str(root / "run"), "--engine", "threshold", "--output-kind", "seg"),
+        "run": segnode(*c, "run", str(dicom), str(root / "run"), "--engine", "threshold",
+                       "--output-kind", "seg"),
         "volume-info": segnode(*c, "volume-info", str(dicom)),
         "convert": segnode(*c, "convert", str(dicom), str(root / "ct.nii.gz")),
         "rules test": segnode(*c, "rules", "test", str(dicom)),
