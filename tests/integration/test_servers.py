@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
 
 from node.dicom.writer import SeriesInfo, write_series
 from node.volume import Geometry, Volume
@@ -235,4 +237,34 @@ def test_dev_script_starts_orthanc_from_the_template(tmp_path: Path) -> None:
         assert (tmp_path / "state" / "storage" / "index").is_file()
         if not (REPO / "orthanc" / "segnode_plugin.py").exists():
             assert '"PythonScript"' not in rendered.split("*/", 1)[1]
+        # The node's LABELMAP SEGs (Label Map Segmentation Storage, unknown to Orthanc 1.10's DCMTK) are
+        # taken over C-STORE too (UnknownSopClassAccepted).
+        labelmap = labelmap_seg(tmp_path)
+        ae = AE(ae_title="SEGNODE")
+        ae.add_requested_context(labelmap.SOPClassUID, ExplicitVRLittleEndian)
+        assoc = ae.associate(HOST, orthanc.dicom_port, ae_title="SEGNODE-DEV")
+        assert assoc.is_established
+        try:
+            assert assoc.send_c_store(labelmap).Status == 0
+        finally:
+            assoc.release()
+        (found,) = orthanc.rest_post("/tools/lookup", labelmap.SOPInstanceUID)
+        assert found["Type"] == "Instance"
     assert_gone(pid, orthanc.http_port, orthanc.dicom_port)
+
+
+def labelmap_seg(tmp_path: Path):
+    """A LABELMAP SEG as the node writes it for a grid whose frames are not whole bytes (13 x 7)."""
+    from node.classes import LabelClass, LabelVolume
+    from node.dicom.seg import build_seg
+    from node.dicom.series import read_series
+
+    ct = Volume(np.zeros((3, 13, 7), np.int16), Geometry(origin=(0.0, 0.0, 0.0), spacing=(1.0, 1.0, 2.0)))
+    write_series(ct, tmp_path / "odd", SeriesInfo(uid_seed="odd grid for orthanc"))
+    ct = read_series(tmp_path / "odd")
+    array = np.zeros(ct.array.shape, np.uint8)
+    array[:, 3:9, 2:5] = 1
+    seg = build_seg(LabelVolume(array, ct.geometry, source=ct.source, classes={1: LabelClass(1, "liver")}),
+                    tmp_path / "odd")
+    assert seg.SegmentationType == "LABELMAP"
+    return seg

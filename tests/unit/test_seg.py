@@ -273,8 +273,8 @@ def odd_grid_labels(rows: int, cols: int, n_classes: int, tmp_path: Path) -> tup
     (64, 64, 3, "BINARY"),      # whole-byte frames, few segments per plane
     (13, 7, 3, "LABELMAP"),     # 91 pixels: BINARY frames would start inside a byte
     (127, 127, 3, "LABELMAP"),
-    (16, 40, 40, "LABELMAP"),   # 40 segments on every plane: LABELMAP is 1/5 of BINARY
-    (16, 40, 31, "BINARY"),     # 31: LABELMAP would be 8/31 of BINARY, over a quarter
+    (16, 40, 20, "LABELMAP"),   # 20 segments on every plane: LABELMAP is 8/20 of BINARY's pixel data
+    (16, 40, 15, "BINARY"),     # 15: LABELMAP would be 8/15 of BINARY, over half
 ])
 def test_auto_takes_labelmap_for_unaligned_frames_and_many_segments(rows, cols, n_classes, kind,
                                                                     tmp_path) -> None:
