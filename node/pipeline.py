@@ -20,6 +20,11 @@ Bad input never raises: a :class:`~node.dicom.series.VolumeError` or
 and message in ``report.json`` and in the returned :class:`PipelineResult`. So does a bug
 (code ``internal_error``; its traceback goes to the log, not to the report).
 
+An output that fails (a SEG the source cannot carry, a mesh writer's error) does not throw the
+segmentation away: once the labels are final, ``labels.nii.gz``, ``classes.json`` and ``stats.csv`` are
+written whatever the outputs do, the run ends ``done``, and each failed output is listed on its own in
+``report.json``'s ``failed_outputs`` and :attr:`PipelineResult.failed_outputs` (code, message, stage).
+
 Writing a post-processing stage (the contract is :mod:`node.stages`; a stage imports from there, never
 from here)::
 
@@ -51,7 +56,7 @@ import platform
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -172,6 +177,8 @@ class PipelineResult:
     ct: Volume | None = None
     labels: LabelVolume | None = None
     error: PipelineError | None = None
+    #: Outputs that failed while the run itself succeeded: name -> error (their stage is the output's).
+    failed_outputs: dict[str, PipelineError] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -256,6 +263,7 @@ def run_pipeline(
         "engine": _describe_engine(request.segment),
         "post": [_stage_name(s) for s in request.post],
         "stages": run.stages,
+        "failed_outputs": {},
     }
     paths: dict[str, Path] = {}
     ct: Volume | None = None
@@ -270,6 +278,10 @@ def run_pipeline(
         report.update(state="failed", error=_error_dict(error))
         return PipelineResult("failed", outdir, report, {}, error=error)
     try:
+        unknown = [name for name in request.outputs if isinstance(name, str) and name not in OUTPUT_STAGES]
+        if unknown:  # a mistake in the request, found before any work (outputs fail one by one later)
+            raise _Failure(PipelineError("unknown_stage", f"no output called {unknown[0]!r}; known: "
+                                         f"{', '.join(OUTPUT_STAGES)}", "setup"))
         with run.stage("load"):
             ct, headers = _load(input, request, run)
             report["input"].update(_describe_volume(ct))
@@ -295,13 +307,13 @@ def run_pipeline(
         # What is delivered first, announced as soon as written; then the files for people and tools.
         delivered = [name for name in DELIVERED_OUTPUTS if name in request.outputs]  # the SR cites the SEG
         for name in delivered:
-            _output(name, ctx, run)
+            _output(name, ctx, run, report["failed_outputs"])
         with run.stage("write"):
             report["structures"] = ctx.structures()
             paths.update(_write_outputs(ctx, report["structures"]))
         for name in request.outputs:
             if name not in delivered:
-                _output(name, ctx, run)
+                _output(name, ctx, run, report["failed_outputs"])
         paths.update(ctx.artifacts)
         report["state"] = "done"
     except _Failure as failure:
@@ -327,17 +339,20 @@ def run_pipeline(
     except OSError as exc:
         log.error("cannot write %s: %s", outdir / OUTPUTS["report"], exc)
     error = None if report["error"] is None else PipelineError(**report["error"])
+    failed = {name: PipelineError(**e) for name, e in report["failed_outputs"].items()}
     return PipelineResult(
-        report["state"], outdir, report, paths, ct=ct, labels=ctx.labels if ctx else None, error=error
+        report["state"], outdir, report, paths, ct=ct, labels=ctx.labels if ctx else None, error=error,
+        failed_outputs=failed,
     )
 
 
 # --- stages -------------------------------------------------------------------------------------
 
 
-def _output(name: str, ctx: PipelineContext, run: _Run) -> None:
+def _output(name: str, ctx: PipelineContext, run: _Run, failed: dict[str, dict[str, str]]) -> None:
     """Output stage ``name``; each artifact it adds is announced (status ``output``) once written: at
-    once through :meth:`PipelineContext.add_output`, else when the stage ends."""
+    once through :meth:`PipelineContext.add_output`, else when the stage ends. A failure is recorded in
+    ``failed`` (name -> error) and the run goes on: the labels stand without this output."""
     before = dict(ctx.artifacts)
     announced: set[str] = set()
 
@@ -350,6 +365,9 @@ def _output(name: str, ctx: PipelineContext, run: _Run) -> None:
         with run.stage(name):
             ctx.stage = name
             _resolve(name, OUTPUT_STAGES, "output")(ctx)
+    except _Failure as failure:
+        failed[name] = _error_dict(failure.error)
+        log.warning("output %s failed: [%s] %s", name, failure.error.code, failure.error.message)
     finally:
         ctx.stage, ctx.announce = "", None
     for key, path in ctx.artifacts.items():

@@ -591,7 +591,7 @@ class SegnodeServe:
     """
 
     def __init__(self, workdir: Path, *, rules: str, token: str, ingest: str = "", extra: str = "",
-                 http: str = "") -> None:
+                 http: str = "", quiet_seconds: float = 30) -> None:
         self.workdir = workdir
         self.data_dir = workdir / "data"
         self.token = token
@@ -610,7 +610,7 @@ port = {self.http_port}
 tokens = {{ test = "{token}" }}
 {http}
 [ingest]
-quiet_seconds = 30
+quiet_seconds = {quiet_seconds}
 {ingest}
 {extra}
 """)

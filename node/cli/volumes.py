@@ -262,3 +262,8 @@ def run(
     total = result.report["timings_s"]["total"]
     out.print(f"wrote {', '.join(p.name for p in result.paths.values())} in {outdir} ({total:.2f} s)", highlight=False,
               soft_wrap=True)
+    if result.failed_outputs:  # the labels are written; an output asked for is not: say which, exit 1
+        for name, error in result.failed_outputs.items():
+            err.print(f"[red]output {name} failed:[/red] {escape(error.message)} [{error.code}]", highlight=False,
+                      soft_wrap=True)
+        raise typer.Exit(1)

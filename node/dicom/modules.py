@@ -7,22 +7,27 @@ own General Equipment (C.7.5.1) / Enhanced General Equipment (C.7.5.2), since th
 
 Type 2 attributes must be present, empty when unknown (PS3.5 7.4.3); anonymised and research series
 often leave them out, so :func:`patient_study` writes them empty. A value its VR cannot hold (PatientSex
-outside ``M``/``F``/``O``, a date or time that does not parse) is written empty too: the derived object
-must be valid, and the source keeps the original.
+outside ``M``/``F``/``O``, a date or time that does not parse, an AccessionNumber longer than SH's 16
+characters) is written empty for a Type 2 attribute and left out for a Type 3 one: the derived object must
+be valid, and the source keeps the original.
 
 One helper for every writer::
 
     target.update(patient_study(source))                       # the patient and study of the source
     target.update(node_equipment())                            # who made the object
-    stand_in = with_patient_study(source)                      # a source highdicom can read
+    stand_in = with_patient_study(source)                      # a source highdicom can read (Type 2 there)
 """
 
 from __future__ import annotations
 
 import copy
 
+from pydicom import config
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
-from pydicom.valuerep import DA, TM
+from pydicom.multival import MultiValue
+from pydicom.valuerep import validate_value
 
 from node import __version__
 
@@ -60,6 +65,9 @@ CLINICAL_TRIAL_MODULES: tuple[tuple[str, str], ...] = (
     ("ClinicalTrialSubjectReadingID", "1C"), ("ClinicalTrialTimePointID", "2"),
     ("ClinicalTrialTimePointDescription", "3"),
 )
+#: Every attribute copied, in module order.
+MODULE_KEYWORDS = tuple(k for k, _ in PATIENT_MODULE + GENERAL_STUDY_MODULE + PATIENT_STUDY_MODULE
+                        + CLINICAL_TRIAL_MODULES)
 #: Type 2 attributes every derived object carries, empty when the source has none.
 TYPE2 = tuple(k for k, t in PATIENT_MODULE + GENERAL_STUDY_MODULE if t == "2")
 #: The enumerated values of PatientSex (PS3.3 C.7.1.1).
@@ -68,17 +76,18 @@ PATIENT_SEX = frozenset({"M", "F", "O"})
 MANUFACTURER = "segnode"
 
 
-def _valid(keyword: str, value: object) -> bool:
-    """Whether ``value`` is one its VR can hold, for the attributes a writer checks (sex, dates, times)."""
-    if value in (None, ""):
+def _valid(element: DataElement) -> bool:
+    """Whether the element's value is one its VR can hold (length, characters, dates and times: pydicom's
+    checks of PS3.5 6.2), and PatientSex one of its enumerated values."""
+    value = element.value
+    if value is None or element.VR == "SQ" or (isinstance(value, str) and value == ""):
         return True
-    if keyword == "PatientSex":
-        return str(value) in PATIENT_SEX
+    if element.keyword == "PatientSex" and str(value) not in PATIENT_SEX:
+        return False
+    values = value if isinstance(value, (list, tuple, MultiValue)) else [value]
     try:
-        if keyword in ("PatientBirthDate", "StudyDate"):
-            DA(value)
-        elif keyword in ("PatientBirthTime", "StudyTime"):
-            TM(value)
+        for v in values:  # pydicom checks numbers in text form (DS, IS) as strings
+            validate_value(element.VR, str(v) if element.VR in ("DS", "IS") else v, config.RAISE)
     except (TypeError, ValueError):
         return False
     return True
@@ -93,27 +102,46 @@ def patient_study(source: Dataset) -> Dataset:
     as it is: a source without one is refused before any writer runs (ingest, the volume loader).
     """
     out = Dataset()
-    for keyword, kind in PATIENT_MODULE + GENERAL_STUDY_MODULE + PATIENT_STUDY_MODULE + CLINICAL_TRIAL_MODULES:
-        if keyword in source and _valid(keyword, source[keyword].value):
-            out.add(copy.deepcopy(source[keyword]))
+    for keyword in MODULE_KEYWORDS:
+        element = _as_dictionary_vr(source[keyword]) if keyword in source else None
+        if element is not None and _valid(element):
+            out.add(copy.deepcopy(element))
         elif keyword in TYPE2:  # the optional modules' Type 2 only when the module is there: copied
             setattr(out, keyword, "")
     return out
 
 
+def _as_dictionary_vr(element: DataElement) -> DataElement:
+    """The element with its data dictionary VR (a sender may have written PatientAge as LO, or UN)."""
+    vr = dictionary_VR(element.tag)
+    if element.VR == vr or element.VR == "SQ":
+        return element
+    value = element.value
+    if isinstance(value, bytes):  # UN: not decoded
+        value = value.decode("ascii", "replace").rstrip("\0 ")
+    return DataElement(element.tag, vr, value)
+
+
 def with_patient_study(source: Dataset) -> Dataset:
-    """A shallow copy of ``source`` whose patient and study modules are :func:`patient_study`'s.
+    """A shallow copy of ``source`` whose patient and study modules are :func:`patient_study`'s, and
+    whose Image Plane module (PS3.3 C.7.6.2) has its Type 2 ``SliceThickness`` (empty when unknown).
 
     For libraries that read the source's Type 2 attributes as Python attributes (highdicom's SOP classes
-    do: a source without ``PatientBirthDate`` raises ``AttributeError``); ``source`` itself is unchanged.
+    do: a source without ``PatientBirthDate`` or ``SliceThickness`` raises ``AttributeError``);
+    ``source`` itself is unchanged.
     """
     stand_in = Dataset()
     for element in source:
         stand_in.add(element)
     if hasattr(source, "file_meta"):
         stand_in.file_meta = source.file_meta
+    for keyword in MODULE_KEYWORDS:  # only the valid ones, as patient_study gives them
+        if keyword in stand_in:
+            del stand_in[keyword]
     for element in patient_study(source):
         stand_in.add(element)
+    if "PixelSpacing" in source and "SliceThickness" not in source:  # a single-frame image plane
+        stand_in.SliceThickness = None
     return stand_in
 
 

@@ -433,17 +433,19 @@ def series_description(options: SegOptions, source_description: Any) -> str:
     return text[:64]
 
 
-def _character_set(value: Any) -> Any:
-    """The source's SpecificCharacterSet when highdicom takes it; none for an empty one (the default
-    repertoire); UTF-8 (ISO_IR 192) for anything else: the strings are already decoded, and UTF-8 holds
-    them all."""
+def _character_set(value: Any, source: Dataset | None = None) -> Any:
+    """The source's SpecificCharacterSet when highdicom takes it; UTF-8 (ISO_IR 192) for anything else (the
+    strings are already decoded, and UTF-8 holds them all); none for an empty one (the default repertoire),
+    unless a copied text is not ASCII (a source that wrote Latin-1 names without declaring it): UTF-8 then."""
     from highdicom.enum import SpecificCharacterSetValues
 
     if not isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
         value = [value]
     values = [str(v) for v in value if v not in (None, "")]
     if not values:
-        return None
+        texts = (str(e.value) for e in (source or ()) if e.VR in ("PN", "LO", "SH", "ST", "LT", "UT", "UC")
+                 and isinstance(e.value, (str, pydicom.valuerep.PersonName)))
+        return "ISO_IR 192" if any(not t.isascii() for t in texts) else None
     known = {m.value for m in SpecificCharacterSetValues}
     if all(v in known for v in values):
         return values[0] if len(values) == 1 else values
@@ -470,12 +472,27 @@ def _highdicom_kwargs(datasets: list[Dataset], options: SegOptions) -> dict[str,
         "transfer_syntax_uid": RLELossless if options.compression == "RLE" else ExplicitVRLittleEndian,
         "omit_empty_frames": True,
     }
-    kwargs["specific_character_set"] = _character_set(first.get("SpecificCharacterSet"))
+    kwargs["specific_character_set"] = _character_set(first.get("SpecificCharacterSet"), first)
     if options.content_date:
         kwargs.update(content_date=options.content_date, series_date=options.content_date)
     if options.content_time:
         kwargs.update(content_time=options.content_time, series_time=options.content_time)
     return kwargs
+
+
+def _check_sop_class(ds: Dataset) -> None:
+    """highdicom copies the patient and study modules by the source's IOD, looked up by its SOP class: a
+    private or unknown image SOP class (a vendor's CT in all but name) cannot be a SEG's source there."""
+    try:
+        from highdicom._standard_utils import get_sop_class_iod_map
+    except ImportError:  # another highdicom: let it say what it says
+        return
+    uid = str(ds.get("SOPClassUID", ""))
+    if uid not in get_sop_class_iod_map():
+        name = pydicom.uid.UID(uid).name
+        raise SegError("source_sop_class", f"the source images' SOP class {uid}"
+                                           f"{'' if name == uid else f' ({name})'} is not a standard image IOD "
+                                           "(a private or retired SOP class): no DICOM-SEG can reference it")
 
 
 def _reference_seg(labels: LabelVolume, datasets: list[Dataset], planes: list[_Plane], ids: list[int],
@@ -550,7 +567,13 @@ def _write(labels: LabelVolume, source: Sequence[Dataset] | Path | str, fp: Any,
     datasets, planes = _ordered_sources(planes)
     # highdicom reads the first source's patient and study attributes: give it one that has every Type 2
     # attribute (empty where the source has none), so that anonymised series get their SEG too.
-    datasets = [with_patient_study(datasets[0]), *datasets[1:]]
+    first = with_patient_study(datasets[0])
+    if "SliceThickness" in first and first.SliceThickness in (None, ""):
+        # The SEG's Pixel Measures need a thickness (PS3.3 C.7.6.16.2.1, Type 1C): a source that gives
+        # none (Type 2, empty or absent) has labels as thick as their slice step.
+        first.SliceThickness = f"{labels.geometry.spacing[2]:.6g}"
+    datasets = [first, *datasets[1:]]
+    _check_sop_class(datasets[0])
     ids, descriptions, boxes = _segments(labels, options)
     if options.segmentation_type == "AUTO":
         options = replace(options, segmentation_type=choose_type(labels, ids, boxes))

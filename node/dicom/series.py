@@ -12,6 +12,8 @@ InstanceNumber or file name. Anything that cannot be one regular volume is refus
 from __future__ import annotations
 
 import io
+import math
+import re
 import zipfile
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -44,6 +46,40 @@ TILT_TOLERANCE_MM = 0.05
 
 class VolumeError(NodeError, ValueError):
     """The files cannot form one regular volume. ``code`` is stable for programs."""
+
+
+# Leading zeros in a component are not conformant (PS3.5 9.1) but some old equipment writes them;
+# they are harmless as a path, so only digits-and-dots shape and length are enforced.
+_UID = re.compile(r"[0-9]+(\.[0-9]+)+")
+#: The UIDs that name an instance, its series and study: each must be in the data set itself.
+IDENTIFYING_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+def valid_uid(value: object) -> bool:
+    """True for a UID that is safe to use as a file or folder name: digits and dots, at most 64 chars
+    (PS3.5 9.1). Ingest (status 0xC010) and the volume loader (``missing_uid``) apply the same rule."""
+    return isinstance(value, str) and len(value) <= 64 and _UID.fullmatch(value) is not None
+
+
+def _check_uids(name: str, ds: Dataset) -> None:
+    """Refuse an instance whose data set does not name itself, its series and its study with valid UIDs.
+
+    Some exports leave them empty in the data set and keep SOP Class/Instance UIDs only in the file meta
+    (PS3.10 7.1); the series and study UIDs are then nowhere. Such files are refused as ingest refuses
+    them (C-STORE status 0xC010), rather than guessed into one series: a SEG must reference its source by
+    the data set's own UIDs (PS3.3 C.7.6.1), and an empty series UID would merge unrelated files.
+    """
+    for keyword in IDENTIFYING_UIDS:
+        value = str(ds.get(keyword, "") or "").strip("\0 ")
+        if not valid_uid(value):
+            shown = repr(value[:70]) if value else "empty"
+            meta = getattr(ds, "file_meta", None)
+            hint = ""
+            if keyword in ("SOPClassUID", "SOPInstanceUID") and meta is not None:
+                if valid_uid(str(meta.get(f"MediaStorage{keyword}", "") or "")):
+                    hint = " (only the file meta has it)"
+            raise VolumeError("missing_uid", f"{name}: {keyword} in the data set is {shown}{hint}; "
+                                             "an instance must name itself, its series and its study")
 
 
 @dataclass
@@ -185,6 +221,33 @@ def _floats(value: object, n: int, what: str, source: str) -> np.ndarray:
     return out
 
 
+def _pixel_spacing(value: object, source: str) -> np.ndarray:
+    """PixelSpacing (row, column spacing in mm, PS3.3 10.7.1.3): two positive finite numbers."""
+    try:
+        out = np.array([float(v) for v in value], dtype=float)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        out = np.array([])
+    if out.shape != (2,):
+        raise VolumeError("no_geometry", f"{source}: PixelSpacing is missing or malformed ({value!r})")
+    if not np.all(np.isfinite(out)) or np.any(out <= 0):
+        raise VolumeError("bad_pixel_spacing", f"{source}: PixelSpacing {out.tolist()} is not two positive "
+                                               "finite distances (mm)")
+    return out
+
+
+def _rescale(value: object, default: float, what: str, source: str) -> float:
+    """RescaleSlope/RescaleIntercept (PS3.3 C.11.1.1.2): absent is the identity; else a finite number."""
+    if value in (None, ""):
+        return default
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise VolumeError("bad_rescale", f"{source}: {what} {value!r} is not a finite number")
+    return number
+
+
 def _frames(name: str, ds: Dataset) -> list[_Frame]:
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise VolumeError(
@@ -213,12 +276,20 @@ def _frames(name: str, ds: Dataset) -> list[_Frame]:
         arr = decoded["all"]
         return arr[index] if count > 1 else arr
 
+    rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    if rows < 1 or columns < 1:
+        raise VolumeError("empty_image", f"{name}: the image is {columns} x {rows} (Columns x Rows): no pixels")
     frames = []
     for index in range(count):
         groups = ([per_frame[index]] if per_frame else []) + shared
-        spacing = _floats(_find(ds, groups, "PixelMeasuresSequence", "PixelSpacing"), 2, "PixelSpacing", name)
-        slope = _find(ds, groups, "PixelValueTransformationSequence", "RescaleSlope")
-        intercept = _find(ds, groups, "PixelValueTransformationSequence", "RescaleIntercept")
+        spacing = _pixel_spacing(_find(ds, groups, "PixelMeasuresSequence", "PixelSpacing"), name)
+        slope = _rescale(_find(ds, groups, "PixelValueTransformationSequence", "RescaleSlope"), 1.0,
+                         "RescaleSlope", name)
+        intercept = _rescale(_find(ds, groups, "PixelValueTransformationSequence", "RescaleIntercept"), 0.0,
+                             "RescaleIntercept", name)
+        if slope == 0:
+            raise VolumeError("bad_rescale", f"{name}: RescaleSlope is 0: every pixel would have the value "
+                                             f"{intercept:g} (PS3.3 C.11.1.1.2)")
         frames.append(
             _Frame(
                 source=name,
@@ -234,9 +305,9 @@ def _frames(name: str, ds: Dataset) -> list[_Frame]:
                     name,
                 ),
                 pixel_spacing=(float(spacing[0]), float(spacing[1])),
-                size=(int(ds.Rows), int(ds.Columns)),
-                slope=float(slope) if slope not in (None, "") else 1.0,
-                intercept=float(intercept) if intercept not in (None, "") else 0.0,
+                size=(rows, columns),
+                slope=slope,
+                intercept=intercept,
                 pixels=lambda index=index: pixels(index),
             )
         )
@@ -496,6 +567,8 @@ def load_series(
         example = f" (e.g. {not_dicom[0]})" if not_dicom else ""
         raise VolumeError("not_dicom", f"no DICOM files in {path}: {len(not_dicom)} file(s), none DICOM{example}")
     images = [(n, ds) for n, ds in datasets if _is_image(n, ds)]
+    for name, ds in images:
+        _check_uids(name, ds)
     if not images:
         kinds = Counter(NON_IMAGE_SOP_CLASSES.get(str(ds.get("SOPClassUID")), "no pixel data") for _, ds in datasets)
         raise VolumeError("no_images", f"no images in {path}, only: {dict(kinds)}")

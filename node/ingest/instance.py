@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import io
 import math
-import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -22,10 +21,13 @@ from enum import IntEnum
 
 import pydicom
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
+from pynetdicom import ALL_TRANSFER_SYNTAXES
 
 from node import __version__
-from node.dicom.series import NON_IMAGE_SOP_CLASSES
+from node.dicom.series import NON_IMAGE_SOP_CLASSES, valid_uid
 
+#: The transfer syntaxes the listener accepts (every one pynetdicom knows); STOW-RS parts are held to them.
+KNOWN_TRANSFER_SYNTAXES = frozenset(ALL_TRANSFER_SYNTAXES)
 #: Our implementation identity in the file meta we write (PS3.7 D.3.3.2);
 #: ``pydicom.uid.generate_uid(entropy_srcs=["segnode implementation class"])``.
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.23742184005513011243914022824837365631"
@@ -44,6 +46,9 @@ class Status(IntEnum):
     CANNOT_UNDERSTAND = 0xC000
     #: Error: cannot understand; a UID that names the instance is missing or not a valid UID.
     INVALID_UID = 0xC010
+    #: STOW-RS FailureReason: referenced transfer syntax not supported (PS3.18 10.5.3); a C-STORE never
+    #: meets it (the presentation context is refused at negotiation).
+    TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
 
 
 class Refused(Exception):
@@ -53,16 +58,6 @@ class Refused(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-# Leading zeros in a component are not conformant (PS3.5 9.1) but some old equipment writes them;
-# they are harmless as a path, so only digits-and-dots shape and length are enforced.
-_UID = re.compile(r"[0-9]+(\.[0-9]+)+")
-
-
-def valid_uid(value: object) -> bool:
-    """True for a UID that is safe to use as a file or folder name: digits and dots, at most 64 chars."""
-    return isinstance(value, str) and len(value) <= 64 and _UID.fullmatch(value) is not None
 
 
 @functools.lru_cache(maxsize=512)
@@ -339,6 +334,8 @@ def encode_instance(
     syntax = str(transfer_syntax)  # plain str: pydicom's UID() validates with a regex each time
     if not valid_uid(syntax):
         raise Refused(Status.CANNOT_UNDERSTAND, f"transfer syntax {syntax[:64]!r} is not a UID")
+    if syntax not in KNOWN_TRANSFER_SYNTAXES:  # its encoding cannot even be walked
+        raise Refused(Status.TRANSFER_SYNTAX_NOT_SUPPORTED, f"transfer syntax {syntax} is not one this node knows")
     body = dataset  # no copy: walked and written as it is
     plain = _inflate(body) if syntax == DeflatedExplicitVRLittleEndian else body
     walker = _Walker(plain, implicit=syntax == ImplicitVRLittleEndian, little=syntax != ExplicitVRBigEndian)
@@ -366,6 +363,8 @@ def encode_instance(
         raise Refused(Status.DOES_NOT_MATCH, f"{uid_name(sop_class)} instance has no pixel data")
     frames = walker.integer("NumberOfFrames") or 1
     sizes = [walker.integer(k) for k in ("BitsAllocated", "Rows", "Columns")]
+    if has_pixels and (sizes[1] == 0 or sizes[2] == 0):  # an image of no pixels (PS3.3 C.7.6.3.1: 1 or more)
+        raise Refused(Status.DOES_NOT_MATCH, f"the image is {sizes[2]} x {sizes[1]} (Columns x Rows): no pixels")
     if walker.pixel_length not in (None, _UNDEFINED) and all(sizes):
         samples = walker.integer("SamplesPerPixel") or 1
         expected = (math.prod(sizes) * samples * frames + 7) // 8  # type: ignore[arg-type]

@@ -1,7 +1,9 @@
 """A C-STORE SCU for people and tests: send a folder, zip or file of DICOM to a listener (PS3.4 B.2).
 
 Files are sent in their own transfer syntax: one presentation context is proposed per (SOP class,
-transfer syntax) pair found, so nothing is decompressed or re-encoded on the way.
+transfer syntax) pair found, so nothing is decompressed or re-encoded on the way. A bare data set (no
+preamble, no file meta: old exports) is sent in the little endian encoding pydicom finds in it, as
+dcmtk's storescu does.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ class SendReport:
     not_dicom: list[str] = field(default_factory=list)
     #: Files whose SOP class / transfer syntax the receiver did not accept (or past 128 pairs).
     not_accepted: list[str] = field(default_factory=list)
+    #: Files that cannot make a C-STORE request (no SOP Class/Instance UID in the data set, unreadable).
+    unsendable: list[str] = field(default_factory=list)
     #: Set when the association could not be made (rejected, refused, aborted).
     error: str = ""
 
@@ -51,7 +55,8 @@ class SendReport:
 
     @property
     def failed(self) -> int:
-        return sum(n for status, n in self.statuses.items() if status != 0x0000) + len(self.not_accepted)
+        return (sum(n for status, n in self.statuses.items() if status != 0x0000) + len(self.not_accepted)
+                + len(self.unsendable))
 
 
 @dataclass(frozen=True)
@@ -87,7 +92,11 @@ def collect(path: Path) -> tuple[list[_Item], list[str]]:
                 meta = header.file_meta
             sop_class, syntax = str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
         except Exception:  # noqa: BLE001 (whatever pydicom cannot read is "not DICOM")
-            not_dicom.append(name)
+            bare = _bare_dataset(opener)
+            if bare is None:
+                not_dicom.append(name)
+            else:
+                items.append(_Item(name, *bare))
             continue
         if in_zip:
             load: Callable[[], Dataset | Path] = lambda opener=opener: pydicom.dcmread(opener())
@@ -95,6 +104,30 @@ def collect(path: Path) -> tuple[list[_Item], list[str]]:
             load = lambda opener=opener: Path(opener())  # sent as a path: pynetdicom reads it itself
         items.append(_Item(name, sop_class, syntax, load))
     return items, not_dicom
+
+
+def _bare_dataset(opener: Callable[[], object]) -> tuple[str, str, Callable[[], Dataset]] | None:
+    """(SOP class, transfer syntax, loader) of a data set without preamble and file meta (PS3.10 7.1 not
+    followed: old exports, ACR-NEMA style files), as dcmtk's storescu sends them; None if it is not DICOM.
+    Its encoding is what pydicom detects (implicit or explicit VR little endian)."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    def load() -> Dataset:
+        source = opener()
+        ds = pydicom.dcmread(source, force=True)
+        implicit = ds.original_encoding[0] if ds.original_encoding else True
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+        meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+        ds.file_meta = meta
+        return ds
+
+    try:
+        ds = load()
+        return str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID), load
+    except Exception:  # noqa: BLE001 (not DICOM at all)
+        return None
 
 
 def send(
@@ -116,6 +149,10 @@ def send(
     ae = AE(ae_title=calling_aet)
     ae.requested_contexts = [build_context(sop_class, [syntax]) for sop_class, syntax in proposed]
     assoc = ae.associate(host, port, ae_title=called_aet, evt_handlers=[(evt.EVT_CONN_OPEN, handle_open)])
+    if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:
+        # Accepted, but no presentation context was (pynetdicom then aborts): nothing can be sent.
+        report.not_accepted = [item.name for item in items]
+        return report
     if not assoc.is_established:
         rejected = assoc.is_rejected
         report.error = "association rejected" if rejected else "association failed (refused or aborted)"
@@ -130,6 +167,10 @@ def send(
                     status = assoc.send_c_store(item.load())
                 except RuntimeError:  # the association is no longer established
                     status = Dataset()
+                except (AttributeError, ValueError, OSError, pydicom.errors.InvalidDicomError):
+                    # pynetdicom found no SOP Class/Instance UID in the data set, or could not read it
+                    report.unsendable.append(item.name)
+                    continue
                 if "Status" not in status:  # no response: the association went away
                     report.error = "association aborted during transfer"
                     break

@@ -59,6 +59,8 @@ class Job:
     progress: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
     error: dict[str, str] | None = None  # {"code", "message"}
+    #: A done job's outputs that failed (the labels stand): name -> {"code", "message"}.
+    failed_outputs: dict[str, dict[str, str]] = field(default_factory=dict)
     attempts: int = 0  # runs started
     max_attempts: int = 3
     not_before: float = 0.0  # a retry waits until then
@@ -272,14 +274,23 @@ class JobStore:
         now = self.clock()
         return self._running(job_id, run_id, lambda j: setattr(j, "heartbeat", now))
 
-    def finish(self, job_id: str, run_id: str, results: str, timings: dict[str, float]) -> bool:
-        """running -> done, once: False if the run lost the job (superseded, requeued)."""
+    def finish(self, job_id: str, run_id: str, results: str, timings: dict[str, float],
+               failed_outputs: dict[str, dict[str, str]] | None = None) -> bool:
+        """running -> done, once: False if the run lost the job (superseded, requeued). ``failed_outputs``
+        (name -> code, message): outputs that failed while the segmentation succeeded; the history
+        says "done, N output(s) failed"."""
         now = self.clock()
+        failed = {name: dict(e) for name, e in (failed_outputs or {}).items()}
 
         def change(j: Job) -> None:
             j.state, j.stage, j.progress, j.finished, j.results, j.error = "done", "done", 1.0, now, results, None
+            j.failed_outputs = failed
             j.timings = {k: round(v, 3) for k, v in timings.items()}
-            j.note("done", f"attempt {j.attempts}", now)
+            detail = f"attempt {j.attempts}"
+            if failed:
+                listed = ", ".join(f"{name} [{e['code']}]" for name, e in failed.items())
+                detail += f", {len(failed)} output{'s' if len(failed) > 1 else ''} failed: {listed}"
+            j.note("done", detail, now)
 
         return self._running(job_id, run_id, change)
 

@@ -11,6 +11,11 @@ rather than raising; its error code decides:
 * the job superseded while running: the result is dropped when the run ends (the pipeline swallows
   exceptions from progress callbacks, so a run cannot be stopped half-way).
 
+An output that fails (e.g. the SEG) while the segmentation succeeded leaves the job ``done`` with
+``failed_outputs`` naming it (code, message) and "done, 1 output failed" in its history; the labels,
+classes and stats are in its results. It is not retried (the same input gives the same refusal), except an
+``io_error`` (a disk hiccup) while attempts are left.
+
 Outputs to deliver (the DICOM-SEG) do not wait for the job's end: the pipeline writes them first and
 announces each (a progress event of status ``output``); the run, if it still owns the job, hands it to
 the ``on_output`` hooks (the outbox) at once, and the meshes, NIfTI files and report are written while
@@ -95,6 +100,9 @@ class StageClock:
 
 #: Pipeline error codes worth another attempt; every other code means the input is bad.
 TRANSIENT_CODES = frozenset({"io_error", "internal_error"})
+#: A failed output's codes worth another run of the job (while attempts are left); any other failed
+#: output (a coded refusal, a bug) leaves the job done with the output listed as failed.
+OUTPUT_RETRY_CODES = frozenset({"io_error"})
 #: Where each pipeline stage sits in the overall progress: (start, span). Post stages share one slot.
 _PROGRESS = {"prepare": (0.0, 0.02), "load": (0.02, 0.13), "segment": (0.15, 0.65), "write": (0.9, 0.1)}
 _POST = (0.8, 0.1)
@@ -241,7 +249,18 @@ class JobRunner:
             log.warning("job %s series %s: [%s] in stage %s: %s", job.id, job.series_uid, error.code,
                         getattr(error, "stage", "?"), error.message)
             return self._failed(job, error.code, error.message, clock)
-        return self._done(job, outdir, clock)
+        failed = {name: {"code": e.code, "message": e.message}
+                  for name, e in (getattr(result, "failed_outputs", None) or {}).items()}
+        transient = [(name, e) for name, e in failed.items() if e["code"] in OUTPUT_RETRY_CODES]
+        if transient and job.attempts < job.max_attempts:  # a disk hiccup: the whole run again, later
+            name, e = transient[0]
+            log.warning("job %s series %s: output %s failed: [%s] %s", job.id, job.series_uid, name, e["code"],
+                        e["message"])
+            return self._failed(job, e["code"], f"output {name}: {e['message']}", clock)
+        for name, e in failed.items():
+            log.warning("job %s series %s: output %s failed: [%s] %s", job.id, job.series_uid, name, e["code"],
+                        e["message"])
+        return self._done(job, outdir, clock, failed)
 
     def release_running(self, reason: str) -> list[str]:
         """Put every job this runner is running back in the queue, the attempt not counted (the node
@@ -377,9 +396,10 @@ class JobRunner:
         metrics.JOBS_FINISHED.labels(state=after.state).inc()
         return after.state
 
-    def _done(self, job: Job, outdir: Path, clock: StageClock) -> str | None:
+    def _done(self, job: Job, outdir: Path, clock: StageClock,
+              failed: dict[str, dict[str, str]] | None = None) -> str | None:
         assert job.run_id is not None
-        if not self.store.finish(job.id, job.run_id, str(outdir), clock.snapshot()):
+        if not self.store.finish(job.id, job.run_id, str(outdir), clock.snapshot(), failed):
             log.info("job %s series %s: finished, but the job was superseded meanwhile", job.id, job.series_uid)
             self._discard(outdir)
             return self._state(job.id)

@@ -17,7 +17,8 @@ a dcmqi ``metainfo.json`` (``segmentAttributes``).
 
 Geometry: labels on the series grid (within 1e-3 mm) are used as they are; labels on another grid in
 the same patient space are resampled nearest-neighbour through both affines; labels that do not
-overlap the series are refused with :class:`~node.segment.SegmentationError`.
+overlap the series (``no_overlap``) or do not cover all of it (``labels_extent``: each edge may fall short
+by one voxel of the coarser grid) are refused with :class:`~node.segment.SegmentationError`.
 """
 
 from __future__ import annotations
@@ -187,6 +188,19 @@ def place_on_grid(
             "no_overlap",
             f"the labels ({given}) do not overlap the series ({wanted}) in patient space: "
             "they belong to another series or frame of reference",
+        )
+    # The labels must cover the whole series: a label map of part of it (a crop whose header kept the
+    # full series' origin) would be placed on the wrong slices. Each edge may fall short by one voxel of
+    # the coarser of the two grids (edges of grids of another resolution over the same field of view).
+    allowed_mm = max(max(labels.geometry.spacing), max(target.spacing))
+    short = np.maximum(lo - -0.5, 0) + np.maximum(size_ijk - 0.5 - hi, 0)  # target voxels, per axis
+    if np.any(short * np.asarray(target.spacing) > allowed_mm + 1e-6):
+        spans = ", ".join(f"{axis} {a:.1f}..{b:.1f}" for axis, a, b in zip("ijk", lo + 0.5, hi + 0.5))
+        raise SegmentationError(
+            "labels_extent",
+            f"the labels ({given}) do not cover the series ({wanted}): in the series' voxels they span "
+            f"{spans} of i 0..{shape_kji[2]}, j 0..{shape_kji[1]}, k 0..{shape_kji[0]} (allowed short by "
+            f"{allowed_mm:g} mm at an edge); labels of part of the series cannot be placed on it",
         )
     # output index (k, j, i) -> LPS -> label index (i, j, k) -> label array index (k, j, i)
     to_label_ijk = np.linalg.inv(labels.geometry.affine) @ target.affine

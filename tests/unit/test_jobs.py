@@ -546,5 +546,37 @@ def test_every_delivered_output_gets_the_job_id_as_its_uid_seed(tmp_path: Path) 
         options = build_request(job, settings).stage_options
         assert options["rtstruct"] == options["review"] == {"uid_seed": job.id}
         assert options["sr"] == {"uid_seed": "mine"} and "dicom_mesh" not in options
+def failing_seg_output(ctx) -> None:
+    """Stands in for an output the source cannot carry (a coded refusal) in the test below."""
+    from node.segment import SegmentationError
+
+    raise SegmentationError("seg_source_mismatch", "DICOM-SEG: the source cannot carry these labels")
+
+
+def test_a_failed_output_leaves_the_job_done_with_the_output_named(tmp_path: Path, monkeypatch) -> None:
+    """Issue 16 item 5: the segmentation stands (labels, classes, stats in the results), the job is done
+    once (not retried), its record names the failed output, its history says "1 output failed"."""
+    from node import pipeline
+
+    monkeypatch.setitem(pipeline.OUTPUT_STAGES, "broken", "tests.unit.test_jobs:failing_seg_output")
+    settings = Settings(node={"data_dir": tmp_path / "data", "rules": tmp_path / "none.toml"},
+                        queue={"retry_delay_s": 0, "max_attempts": 3})
+    store = open_store(settings)
+    try:
+        rule = Rule(name="ct", pipeline=PipelineSpec(engine="threshold", outputs=["broken", "seg"]))
+        folder = write_phantom(TINY, tmp_path / "phantom")["dicom"]
+        first = pydicom.dcmread(min(folder.iterdir()), stop_before_pixels=True)
+        ready = SeriesReady(first.StudyInstanceUID, first.SeriesInstanceUID, folder, 40, "complete",
+                            Sender("dimse", "CT1", "127.0.0.1"), 1)
+        job = Router(settings, store, lambda job_id, delay=0.0: None, rules=(rule,)).on_series_ready(ready)
+        assert JobRunner(store, settings).run(job.id) == "done"
+        done = store.get(job.id)
+        assert (done.state, done.attempts, done.error) == ("done", 1, None)
+        assert done.failed_outputs == {"broken": {
+            "code": "seg_source_mismatch", "message": "DICOM-SEG: the source cannot carry these labels"}}
+        assert done.history[-1]["detail"] == "attempt 1, 1 output failed: broken [seg_source_mismatch]"
+        assert done.public()["failed_outputs"] == done.failed_outputs
+        assert {"labels.nii.gz", "classes.json", "stats.csv", "seg.dcm", "report.json"} <= {
+            p.name for p in Path(done.results).iterdir()}
     finally:
         store.close()

@@ -215,3 +215,22 @@ def test_real_totalsegmentator_output_on_its_ct(monkeypatch) -> None:
     raw = np.asarray(nib.load(SHARED / "example_seg.nii.gz").dataobj).transpose(2, 1, 0)
     np.testing.assert_array_equal(labels.array, raw)
     assert len(labels.classes) == 41 and labels.classes[5].name == "label_5"
+
+
+def test_labels_of_part_of_the_series_are_refused_naming_both_extents(tmp_path) -> None:
+    """Issue 16 item 6: a crop of the label map that kept the series' header (fewer slices) was placed on
+    the wrong slices; labels must cover the series' grid (each edge short by at most one coarse voxel)."""
+    grid = Geometry(origin=(0.0, 0.0, 0.0), spacing=(1.0, 1.0, 2.0))
+    series = Volume(np.zeros((40, 16, 16), np.int16), grid)
+    write_nifti(Volume(np.ones((20, 16, 16), np.uint8), grid), tmp_path / "crop.nii.gz")
+    with pytest.raises(SegmentationError) as exc:
+        segment(series, tmp_path / "crop.nii.gz")
+    assert exc.value.code == "labels_extent"
+    assert str(exc.value) == (
+        "the labels (16x16x20 voxels of 1x1x2 mm at (0.0, 0.0, 0.0)) do not cover the series (16x16x40 voxels "
+        "of 1x1x2 mm at (0.0, 0.0, 0.0)): in the series' voxels they span i 0.0..16.0, j 0.0..16.0, k 0.0..20.0 "
+        "of i 0..16, j 0..16, k 0..40 (allowed short by 2 mm at an edge); labels of part of the series cannot "
+        "be placed on it")
+    one_short = Volume(np.ones((39, 16, 16), np.uint8), grid)  # one slice short: within the tolerance
+    placed, _ = place_on_grid(one_short, grid, (40, 16, 16))
+    assert placed[:39].all() and not placed[39].any()

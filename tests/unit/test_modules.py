@@ -49,8 +49,13 @@ def test_patient_study_adds_missing_type2_empty_and_copies_what_is_there() -> No
     with pytest.warns(UserWarning, match="Invalid value for VR DA"):
         source.StudyDate = "2026-13-45"  # no date
     source.SeriesDescription = "not a patient/study attribute"
+    source.add_new("AccessionNumber", "SH", "A" * 20)  # SH holds 16: Type 2, written empty
+    source.add_new("StudyID", "SH", "7")
+    source.add_new("PatientWeight", "LO", "71.5")  # sent with another VR: written with the dictionary's
+    source.add_new("MedicalAlerts", "LO", "x" * 80)  # LO holds 64: Type 3, left out
     out = patient_study(source)
-    assert {k: out[k].value for k in TYPE2} == dict.fromkeys(TYPE2, "")
+    assert {k: out[k].value for k in TYPE2} == dict.fromkeys(TYPE2, "") | {"StudyID": "7"}
+    assert (out["PatientWeight"].VR, out.PatientWeight, "MedicalAlerts" in out) == ("DS", 71.5, False)
     assert (out.StudyInstanceUID, out.PatientAge, out.StudyDescription) == ("1.2.3", "042Y", "abdomen")
     assert "SeriesDescription" not in out
     stand_in = with_patient_study(source)

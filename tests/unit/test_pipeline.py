@@ -258,6 +258,44 @@ def test_output_stages_run_after_the_labels_and_unknown_ones_fail(phantom, tmp_p
     assert failed.state == "failed"
     assert failed.error.code == "unknown_stage"
     assert failed.error.message.startswith("no output called 'nope'")
+    assert [s["name"] for s in failed.report["stages"]] == []  # refused before any work
+
+
+def broken_output(ctx) -> None:
+    """An output stage that writes a file, then fails with a coded error (as a SEG the source refuses)."""
+    (ctx.outdir / "half.txt").write_text("half")
+    raise SegmentationError("seg_source_mismatch", "DICOM-SEG: the source cannot carry these labels")
+
+
+def crashing_output(ctx) -> None:
+    raise RuntimeError("a bug in an output")
+
+
+def test_a_failed_output_keeps_the_labels_and_is_recorded_on_its_own(phantom, tmp_path, monkeypatch) -> None:
+    """Issue 16 item 5: labels, classes and stats are written whenever segmentation succeeded; each failed
+    output is listed with its code, the run is done, and the outputs after it still run."""
+    import node.pipeline as pipeline
+
+    monkeypatch.setitem(pipeline.OUTPUT_STAGES, "broken", "tests.unit.test_pipeline:broken_output")
+    monkeypatch.setitem(pipeline.OUTPUT_STAGES, "crashing", "tests.unit.test_pipeline:crashing_output")
+    monkeypatch.setitem(pipeline.OUTPUT_STAGES, "marker", "tests.unit.test_pipeline:write_marker_output")
+    out = tmp_path / "out"
+    result = run_pipeline(phantom["dicom"], out, request(outputs=("broken", "crashing", "marker")))
+    assert (result.state, result.error) == ("done", None)
+    assert {name: (e.code, e.stage) for name, e in result.failed_outputs.items()} == {
+        "broken": ("seg_source_mismatch", "broken"), "crashing": ("internal_error", "crashing")}
+    report = json.loads((out / "report.json").read_text())
+    assert (report["state"], report["error"]) == ("done", None)
+    assert report["failed_outputs"]["broken"] == {
+        "code": "seg_source_mismatch", "message": "DICOM-SEG: the source cannot carry these labels",
+        "stage": "broken"}
+    assert report["failed_outputs"]["crashing"]["message"] == (
+        "internal error in stage crashing: RuntimeError: a bug in an output")
+    assert {"labels", "classes", "stats", "marker"} <= set(result.paths)
+    assert {p.name for p in out.iterdir()} >= {"labels.nii.gz", "classes.json", "stats.csv", "marker.txt"}
+    assert [(s["name"], s["state"]) for s in report["stages"]] == [
+        ("load", "done"), ("segment", "done"), ("write", "done"), ("broken", "failed"), ("crashing", "failed"),
+        ("marker", "done")]
 
 
 def test_delivered_outputs_come_first_and_are_announced_as_soon_as_written(phantom, tmp_path, monkeypatch) -> None:

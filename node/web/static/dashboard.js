@@ -105,7 +105,11 @@ function renderJobs(jobs) {
   const body = document.querySelector("#jobs tbody");
   const rows = [];
   for (const job of jobs) {
-    const error = job.error ? el("div", { class: "reason" }, el("b", { text: job.error.code + ": " }), job.error.message) : "";
+    const failedOutputs = Object.entries(job.failed_outputs || {});
+    const error = job.error ? el("div", { class: "reason" }, el("b", { text: job.error.code + ": " }), job.error.message)
+      : failedOutputs.length ? el("div", { class: "reason failed-outputs" },
+        el("b", { text: `${failedOutputs.length} output${failedOutputs.length > 1 ? "s" : ""} failed` }),
+        ...failedOutputs.map(([name, e]) => el("div", { text: `${name} [${e.code}]: ${e.message}` }))) : "";
     if (job.review && !reviews.has(job.id)) reviews.set(job.id, el("img", { class: "review", alt: "review sheet", hidden: true }));
     const review = reviews.get(job.id);
     rows.push(el("tr", { dataset: { job: job.id, state: job.state } },
