@@ -377,3 +377,44 @@ def test_refuses_colour_images(series_dir: Path) -> None:
     ds.PixelData = bytes(20 * 24 * 3)
     ds.save_as(series_dir / "IM00001.dcm")
     assert refusal(series_dir).code == "unsupported"
+
+
+def test_instances_naming_themselves_only_in_the_file_meta_are_refused(tmp_path) -> None:
+    """Issue 16 item 4: ``volume-info`` and ``segnode run`` (both through the loader) refuse what ingest
+    refuses with 0xC010, with one code, instead of one series of UID "" and a misleading SEG error."""
+    from node.pipeline import PipelineRequest, run_pipeline
+    from node.segment import SegmentRequest
+    from tests.corpus import CASES
+
+    for kind, keyword in (("empty UIDs (file meta only)", "SOPClassUID"), ("empty SOP Class UID", "SOPClassUID"),
+                          ("path-traversal UIDs", "SeriesInstanceUID")):
+        folder = tmp_path / keyword / kind.replace(" ", "_")
+        folder.mkdir(parents=True)
+        case = next(c for c in CASES if c.kind == kind)
+        for n, data in enumerate(case.build()):
+            (folder / f"{n}.dcm").write_bytes(data)
+        with pytest.raises(VolumeError) as exc:
+            read_series(folder)
+        assert exc.value.code == "missing_uid"
+        assert f"{keyword} in the data set is " in str(exc.value)
+        if kind.startswith("empty UIDs"):
+            assert "SOPClassUID in the data set is empty (only the file meta has it)" in str(exc.value)
+        result = run_pipeline(folder, tmp_path / "out" / kind.replace(" ", "_"),
+                              PipelineRequest(segment=SegmentRequest(engine="threshold"), outputs=("seg",)))
+        assert (result.state, result.error.code, result.error.stage) == ("failed", "missing_uid", "load")
+
+
+@pytest.mark.parametrize("kind, code", [
+    ("PixelSpacing 0\\0", "bad_pixel_spacing"), ("NaN PixelSpacing", "bad_pixel_spacing"),
+    ("RescaleSlope 0", "bad_rescale"), ("RescaleSlope text", "bad_rescale"),
+])
+def test_odd_geometry_is_a_coded_refusal(tmp_path, kind, code) -> None:
+    """Issue 16 item 2: what was internal_error (retried three times) is a code, found by the loader."""
+    from tests.corpus import CASES
+
+    case = next(c for c in CASES if c.kind == kind)
+    for n, data in enumerate(case.build()):
+        (tmp_path / f"{n}.dcm").write_bytes(data)
+    with pytest.raises(VolumeError) as exc:
+        read_series(tmp_path)
+    assert exc.value.code == code
