@@ -138,8 +138,10 @@ def send(
     called_aet: str = "ANY-SCP",
     calling_aet: str = "SEGNODE",
     progress: Callable[[int, int], None] | None = None,
+    dimse_timeout: float = 30.0,
 ) -> SendReport:
-    """Send every DICOM file under ``path`` in one association; count the statuses that come back."""
+    """Send every DICOM file under ``path`` in one association; count the statuses that come back.
+    ``dimse_timeout``: seconds to wait for each response before the association is aborted."""
     items, not_dicom = collect(path)
     report = SendReport(not_dicom=not_dicom)
     if not items:
@@ -147,6 +149,7 @@ def send(
     pairs = list(dict.fromkeys((i.sop_class, i.syntax) for i in items))
     proposed = set(pairs[:MAX_CONTEXTS])
     ae = AE(ae_title=calling_aet)
+    ae.dimse_timeout = dimse_timeout
     ae.requested_contexts = [build_context(sop_class, [syntax]) for sop_class, syntax in proposed]
     assoc = ae.associate(host, port, ae_title=called_aet, evt_handlers=[(evt.EVT_CONN_OPEN, handle_open)])
     if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:
