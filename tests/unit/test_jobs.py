@@ -546,6 +546,10 @@ def test_every_delivered_output_gets_the_job_id_as_its_uid_seed(tmp_path: Path) 
         options = build_request(job, settings).stage_options
         assert options["rtstruct"] == options["review"] == {"uid_seed": job.id}
         assert options["sr"] == {"uid_seed": "mine"} and "dicom_mesh" not in options
+    finally:
+        store.close()
+
+
 def failing_seg_output(ctx) -> None:
     """Stands in for an output the source cannot carry (a coded refusal) in the test below."""
     from node.segment import SegmentationError
