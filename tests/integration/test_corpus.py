@@ -79,11 +79,12 @@ STALL_TIMEOUT_S = 8.0
 def _cstore(node: SegnodeServe, files: list[bytes], folder: Path, kind: str, stalls: list[str]) -> dict[int, int]:
     """C-STORE the files in one association; the statuses answered.
 
-    About one association in a few hundred, under load, pynetdicom's SCU waits for a response to a request
-    the node never got whole: the node has read every byte on the connection (``ss``: both queues empty,
-    bytes sent = bytes received) and waits at a PDU boundary for the rest of the message, which the SCU
-    believes it sent. The case is then sent again, with fresh UIDs, in a new association; the stall is
-    counted, and more than ``STALLS_TOLERATED`` in a batch fail the test.
+    About one association in a few hundred, under load, pynetdicom's SCU (3.0.4) waits for the response
+    to a request it never put on the wire: caught once with ``ss`` and stack dumps, the node had read all
+    75,577 bytes the SCU sent (both socket queues empty), answered the 8 C-STOREs they held (A-ASSOCIATE-AC
+    and 8 responses: 1,587 bytes) and was waiting for the next PDU, while the SCU's main thread waited in
+    ``send_c_store`` for the 9th response and its DUL thread idled. The case is then sent again, with fresh
+    UIDs, in a new association; the stall is counted, and more than ``STALLS_TOLERATED`` in a batch fail.
     """
     for attempt in range(2):
         target = folder / str(attempt)
