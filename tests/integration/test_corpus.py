@@ -38,6 +38,16 @@ outputs = ["seg"]
 """
 
 
+@pytest.fixture(scope="module", autouse=True)
+def chunked() -> Iterator[None]:
+    """As ``segnode send`` does: each file's bytes go out as they are (pynetdicom does not re-encode)."""
+    from pynetdicom import _config
+
+    before, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True
+    yield
+    _config.STORE_SEND_CHUNKED_DATASET = before
+
+
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SegnodeServe]:
     node = SegnodeServe(tmp_path_factory.mktemp("corpus-node"), rules=RULES, token=TOKEN, quiet_seconds=1.5,
