@@ -43,6 +43,8 @@ def send_command(
         out.print(f"not accepted by the receiver (SOP class/transfer syntax): {len(report.not_accepted)}")
     if report.not_dicom:
         out.print(f"skipped, not DICOM: {len(report.not_dicom)}")
+    if report.unsendable:
+        out.print(f"not sent, no SOP Class/Instance UID in the data set: {len(report.unsendable)}")
     if report.error:
         raise fail(f"{to}: {report.error}")
     if report.failed:
