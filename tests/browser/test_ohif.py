@@ -316,8 +316,9 @@ def test_the_overlay_lands_on_the_right_slices_and_pixels(viewer: Viewer, screen
     # What the user sees: go to the slice showing the most segments, then compare every voxel centre
     # on the screen with the CT alone blended with its segment's colour at OHIF's fill opacity.
     k = int(np.argmax([len(np.unique(plane)) for plane in expected]))
-    centres = [list(ct.geometry.affine @ np.array([i, j, k, 1.0]))[:3]
-               for j in range(expected.shape[1]) for i in range(expected.shape[2])]
+    j, i = np.mgrid[0:expected.shape[1], 0:expected.shape[2]]  # row by row, as the plane is raveled
+    voxels = np.stack([i.ravel(), j.ravel(), np.full(i.size, k), np.ones(i.size)])
+    centres = (ct.geometry.affine @ voxels)[:3].T.tolist()
     view = page.evaluate(f"""async ([sop, centres]) => {{ {VIEWPORT_JS}
         await viewport.setImageIdIndex(viewport.getImageIds().findIndex(id => sopOf(id) === sop));
         const representation = s.segmentationService.getSegmentationRepresentations(viewportId)[0];
