@@ -529,6 +529,43 @@ class ResidentRunner:
             torch.set_num_threads(saved)
 
 
+def _crop_choice(task: str, cfg: dict, robust_rs: bool) -> tuple[int, float, str, str]:
+    """python_api.totalsegmentator's crop model: (dataset, spacing, trainer, its class map's task)."""
+    if robust_rs or cfg.get("robust_crop"):
+        crop_id, spacing = (852 if task.endswith("_mr") else 297), 3.0
+    elif task.endswith("_mr"):  # "For MR always run 3mm model for cropping"
+        crop_id, spacing = 852, 3.0
+    else:
+        crop_id, spacing = 298, 6.0
+    crop_task = "total_mr" if (task.endswith("_mr") or cfg.get("modality") == "mr") else "total"
+    trainer = "nnUNetTrainer_2000epochs_NoMirroring" if task.endswith("_mr") else "nnUNetTrainer_4000epochs_NoMirroring"
+    crop = cfg.get("crop")
+    if crop is not None and ("body_trunc" in crop or "body_extremities" in crop):
+        crop_id, spacing, trainer, crop_task = 300, 6.0, "nnUNetTrainer", "body"
+    return crop_id, spacing, trainer, crop_task
+
+
+def _parts(task_name: str) -> tuple[dict, dict]:
+    """nnUNet_predict_image's (class map per part, dataset id -> part name) of a task run in parts."""
+    from totalsegmentator import map_to_binary as M
+
+    return {
+        "total": (M.class_map_5_parts, M.map_taskid_to_partname_ct),
+        "total_v3": (M.class_map_5_parts_total_v3, M.map_taskid_to_partname_ct_v3),
+        "total_mr": (M.class_map_parts_mr, M.map_taskid_to_partname_mr),
+        "headneck_muscles": (M.class_map_parts_headneck_muscles, M.map_taskid_to_partname_headneck_muscles),
+    }[task_name]
+
+
+def _part_ids(task_name: str, task_id: list[int], roi_subset: list[str] | None) -> list[int]:
+    """The parts nnUNet_predict_image runs: all, or only those holding a class of the roi_subset."""
+    if roi_subset is None:
+        return [int(i) for i in task_id]
+    part_maps, id_to_part = _parts(task_name)
+    part_to_id = {v: k for k, v in id_to_part.items()}
+    return [int(part_to_id[name]) for name, pm in part_maps.items() if any(o in roi_subset for o in pm.values())]
+
+
 def _empty_cache(device: str) -> None:
     if device.startswith("cuda"):
         import torch
