@@ -364,3 +364,81 @@ def test_stow_rs_over_https_verifies_the_certificate_as_configured(
     assert states["system-cas"]["state"] == "pending"  # retried later: a certificate can be fixed
     assert "certificate verify failed" in states["system-cas"]["last_error"].lower()
     assert orthanc.sop_uids(seg_files.study, "SEG") == [seg_files.uid1]
+
+
+def _large_instance(folder: Path, megabytes: int) -> Path:
+    """A Secondary Capture of ``megabytes`` of pixel data: more than loopback's socket buffers hold, so
+    a peer that stops reading leaves the sender's writes blocked mid-request."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    side = int((megabytes * 1024 * 1024 / 2) ** 0.5)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "OT"
+    ds.Rows = ds.Columns = side
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.PixelData = bytes(side * side * 2)
+    folder.mkdir(parents=True, exist_ok=True)
+    ds.save_as(folder / "large.dcm", enforce_file_format=True)
+    return folder / "large.dcm"
+
+
+def test_a_c_store_peer_that_stops_reading_mid_request_is_a_failed_attempt_retried(
+    storescp, tmp_path: Path
+) -> None:
+    """storescp is suspended (SIGSTOP) right after it accepts the association, with a 24 MB request
+    under way: the attempt fails within the timeout (pynetdicom alone would block in its socket write
+    for ever), and once the peer runs again the next attempt delivers."""
+    import os
+    import signal
+    import threading
+
+    from node.export.senders import CStoreSender
+
+    path = _large_instance(tmp_path / "results", 24)
+    destination = Destination(
+        name="scp", kind="cstore", host="127.0.0.1", port=storescp.port, ae_title=storescp.aet
+    )
+    suspended: list[int] = []
+
+    def suspending_sender(d: Destination) -> CStoreSender:
+        sender = CStoreSender(d, timeout=1.5)
+        associate = sender._associate
+
+        def associate_then_stop(ae):
+            assoc = associate(ae)
+            if not suspended:  # the first association only
+                os.kill(storescp.pid, signal.SIGSTOP)
+                suspended.append(storescp.pid)
+            return assoc
+
+        sender._associate = associate_then_stop  # type: ignore[method-assign]
+        return sender
+
+    section = OutboxSection(initial_delay_s=0)
+    outbox = Outbox(tmp_path / "outbox", [destination], section, senders=suspending_sender)
+    study = str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+    try:
+        outbox.enqueue("j", ["scp"], [path], source_series_uid="1.2.3", study_uid=study)
+        attempt = threading.Thread(target=outbox.run_once, daemon=True)
+        attempt.start()
+        attempt.join(15)
+        assert not attempt.is_alive(), "the C-STORE attempt hangs on a peer that stopped reading"
+        state = outbox.job_destinations("j")["scp"]
+        assert suspended and (state["state"], state["attempts"]) == ("pending", 1)
+        assert "no C-STORE response" in state["last_error"]
+    finally:
+        for pid in suspended:
+            os.kill(pid, signal.SIGCONT)
+    assert outbox.run_once() == 1
+    state = outbox.job_destinations("j")["scp"]
+    assert (state["state"], state["attempts"]) == ("delivered", 2)
+    received = storescp.received_files()
+    assert len(received) == 1
+    assert pydicom.dcmread(received[0]).PixelData == pydicom.dcmread(path).PixelData
+    outbox.close()
