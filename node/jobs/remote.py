@@ -285,8 +285,10 @@ class NodeClient:
             self._hold(run)
         return True
 
-    def finish(self, job_id: str, run_id: str, results: str, timings: dict[str, float]) -> bool:
-        """Upload what is not yet on the node, then "done"; False if the run lost the job."""
+    def finish(self, job_id: str, run_id: str, results: str, timings: dict[str, float],
+               failed_outputs: dict[str, dict[str, str]] | None = None) -> bool:
+        """Upload what is not yet on the node, then "done" (with the outputs that failed, as
+        :meth:`node.jobs.store.JobStore.finish` takes them); False if the run lost the job."""
         run = self._runs.get(job_id)
         if run is None or run.run_id != run_id:
             return False
@@ -301,7 +303,7 @@ class NodeClient:
                 if relative not in run.uploaded:
                     self._upload(run, relative, path)
             sizes = {p.relative_to(outdir).as_posix(): p.stat().st_size for p in files}
-            body = {**self._who(), "run_id": run_id, "files": sizes,
+            body = {**self._who(), "run_id": run_id, "files": sizes, "failed_outputs": failed_outputs or {},
                     "timings": {**timings, "upload": round(time.monotonic() - started, 3)}}
             for _ in range(3):
                 response = self._call("POST", f"/jobs/{job_id}/done", json=body, what=f"job {job_id}: done")

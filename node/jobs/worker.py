@@ -357,9 +357,10 @@ class JobRunner:
                 self._note(job.id, "hook_failed", f"{hook_name}: {type(exc).__name__}: {exc}")
 
     # --- runs on remote workers (node.web.workers): the same endings as a run here ---------------
-    def complete(self, job: Job, outdir: Path, timings: dict[str, float]) -> str | None:
+    def complete(self, job: Job, outdir: Path, timings: dict[str, float],
+                 failed_outputs: dict[str, dict[str, str]] | None = None) -> str | None:
         """A remote run of ``job`` uploaded its results into ``outdir``: done, then the hooks."""
-        return self._done(job, outdir, StageClock.of(timings))
+        return self._done(job, outdir, StageClock.of(timings), failed_outputs)
 
     def failed_elsewhere(self, job: Job, code: str, message: str, timings: dict[str, float]) -> str | None:
         """A remote run of ``job`` failed: retried or failed by the same rules as a run here."""

@@ -311,8 +311,13 @@ class WorkerRoutes:
         if missing:
             return _error(422, "results missing or incomplete; upload them again", missing=missing)
         timings = {k: float(v) for k, v in (body.get("timings") or {}).items() if isinstance(v, (int, float))}
+        # Outputs that failed while the segmentation succeeded: "done, N output(s) failed", as a local run.
+        reported = body.get("failed_outputs") if isinstance(body.get("failed_outputs"), dict) else {}
+        failed = {str(name)[:100]: {"code": str(e.get("code", ""))[:64],
+                                    "message": str(e.get("message", ""))[:2000]}
+                  for name, e in reported.items() if isinstance(e, dict)}
         run_dir.mkdir(parents=True, exist_ok=True)
-        state = self.runner.complete(held, run_dir, timings)
+        state = self.runner.complete(held, run_dir, timings, failed)
         fetch_s, upload_s = timings.get("fetch", 0.0), timings.get("upload", 0.0)
         metrics.WORKER_TRANSFER_SECONDS.labels(direction="fetch").observe(fetch_s)
         metrics.WORKER_TRANSFER_SECONDS.labels(direction="upload").observe(upload_s)

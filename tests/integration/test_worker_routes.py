@@ -231,9 +231,12 @@ def test_the_worker_client_runs_a_job_through_the_routes(env: Env, tmp_path: Pat
     (outdir / "meshes" / "liver.stl").write_bytes(b"solid")
     client.deliver(job, "seg", outdir / "seg.dcm")
     assert env.calls["output"] == [(job.id, "seg", b"seg")]
-    assert client.finish(job.id, job.run_id, str(outdir), {"fetch": 0.1})
+    failed = {"rtstruct": {"code": "rtstruct_failed", "message": "no contour"}}  # the labels still count
+    assert client.finish(job.id, job.run_id, str(outdir), {"fetch": 0.1}, failed)
     stored = env.store.get(job.id)
     assert stored.state == "done" and set(stored.timings) == {"fetch", "upload"}
+    assert stored.failed_outputs == failed
+    assert stored.history[-1]["detail"] == "attempt 1, 1 output failed: rtstruct [rtstruct_failed]"
     assert (Path(stored.results) / "meshes" / "liver.stl").read_bytes() == b"solid"
     assert env.calls["done"] == [(job.id, Path(stored.results))]
     assert not client.heartbeat(job.id, job.run_id)  # the run is over here too
