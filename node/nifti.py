@@ -13,6 +13,23 @@ import numpy as np
 
 from node.volume import LPS_TO_RAS, Geometry, Volume
 
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def nifti_stem(path: Path) -> str:
+    """``path``'s name without ``.nii.gz`` / ``.nii`` (``Path.stem`` would keep ``.nii``)."""
+    for suffix in NIFTI_SUFFIXES:
+        if path.name.endswith(suffix):
+            return path.name[: -len(suffix)]
+    return path.stem
+
+
+def class_table_path(nifti: Path | str) -> Path:
+    """Where a label file's own class table goes: ``<name>.classes.json`` beside ``<name>.nii.gz`` (two
+    label files in one folder keep their tables apart)."""
+    nifti = Path(nifti)
+    return nifti.with_name(nifti_stem(nifti) + ".classes.json")
+
 
 def to_nifti_image(volume: Volume) -> nib.Nifti1Image:
     """An in-memory NIfTI-1 image whose sform and qform both carry the volume's exact grid."""

@@ -19,15 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from node.classes import LabelClass, LabelVolume
-
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
-
-
-def _stem(path: Path) -> str:
-    for suffix in NIFTI_SUFFIXES:
-        if path.name.endswith(suffix):
-            return path.name[: -len(suffix)]
-    return path.stem
+from node.nifti import NIFTI_SUFFIXES, class_table_path, nifti_stem
 
 
 def label_path(path: Path | str) -> Path:
@@ -43,13 +35,6 @@ def label_path(path: Path | str) -> Path:
     if not path.name.endswith(NIFTI_SUFFIXES):
         raise ValueError(f"{path}: give a label .nii/.nii.gz or a run folder")
     return path
-
-
-def class_table_path(nifti: Path | str) -> Path:
-    """Where a label file's own class table goes: ``<name>.classes.json`` beside ``<name>.nii.gz`` (two
-    label files in one folder keep their tables apart)."""
-    nifti = Path(nifti)
-    return nifti.with_name(_stem(nifti) + ".classes.json")
 
 
 def nifti_label_table(path: Path) -> dict[int, str] | None:
@@ -109,7 +94,7 @@ def class_table(path: Path, classes: Path | str | None = None, task: str = "tota
         if not Path(classes).is_file():
             raise FileNotFoundError(f"class table {classes} does not exist")
         return read_class_table(Path(classes))
-    for candidate in (class_table_path(path), path.with_name(_stem(path) + ".json")):
+    for candidate in (class_table_path(path), path.with_name(nifti_stem(path) + ".json")):
         if candidate.is_file():
             return read_class_table(candidate)
     own = nifti_label_table(path)

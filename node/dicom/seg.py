@@ -118,8 +118,7 @@ def seg_to_nifti(seg: Path | str, out: Path | str, source: Path | str | None = N
     """``segnode seg to-nifti``: the SEG as a multilabel NIfTI (on ``source``'s grid, else its own) and
     its class table beside it, named after it (``<name>.classes.json``: two conversions into one folder keep
     theirs). Returns what was written, with the reader's notes."""
-    from node.artifacts import class_table_path
-    from node.nifti import write_nifti
+    from node.nifti import class_table_path, write_nifti
     from node.segment.labelmap import write_class_table
 
     out = Path(out)

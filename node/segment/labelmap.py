@@ -31,12 +31,10 @@ import numpy as np
 from scipy import ndimage
 
 from node.classes import CATEGORIES, Code, LabelClass, LabelVolume
-from node.nifti import read_nifti
+from node.nifti import NIFTI_SUFFIXES, nifti_stem, read_nifti
 from node.segment import SegmentationError, SegmentRequest
 from node.segment.snomed import fallback_color, guess_category
 from node.volume import Geometry, Volume
-
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 # --- class tables -------------------------------------------------------------------------------
@@ -248,14 +246,6 @@ def _as_label_array(volume: Volume, path: Path) -> np.ndarray:
     return data.astype(np.uint8 if data.size == 0 or data.max() < 256 else np.uint16)
 
 
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
-
-
 def _sidecar(path: Path, request: SegmentRequest) -> Path | None:
     explicit = request.options.get("classes")
     if explicit:
@@ -263,7 +253,7 @@ def _sidecar(path: Path, request: SegmentRequest) -> Path | None:
             raise SegmentationError("bad_classes", f"class table {explicit} does not exist")
         return Path(str(explicit))
     folder = path if path.is_dir() else path.parent
-    candidates = [] if path.is_dir() else [path.with_name(_stem(path) + ".json")]
+    candidates = [] if path.is_dir() else [path.with_name(nifti_stem(path) + ".json")]
     for candidate in [*candidates, folder / "classes.json"]:
         if candidate.is_file():
             return candidate
@@ -337,7 +327,7 @@ class LabelmapEngine:
         files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(NIFTI_SUFFIXES))
         if not files:
             raise SegmentationError("bad_labels", f"{folder} holds no .nii/.nii.gz masks")
-        names = [_stem(p) for p in files]
+        names = [nifti_stem(p) for p in files]
         table = self._table_for(folder, request, notes)
         by_name = {c.name: c for c in table.values()}
         ids: dict[str, int] = {}
