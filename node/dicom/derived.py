@@ -3,21 +3,19 @@
 RTSTRUCT, the measurements SR, the review sheet (Encapsulated PDF) and the meshes (Encapsulated STL)
 each start from :func:`derived_header`: the source's patient and study (:mod:`node.dicom.modules`), the
 node's equipment, a new series in the source's frame of reference, and SOP Common. Their UIDs come
-from :func:`derived_uid`: with a seed (the job id, as :func:`node.jobs.worker.seg_uids` does for the
-SEG) every run of a job writes the same instances, so the outbox never delivers one twice.
+from :func:`derived_uid`: with a seed (the job id; :func:`node.jobs.worker.seg_uids` derives the SEG's
+with it too) every run of a job writes the same instances, so the outbox never delivers one twice.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from node import __version__
 from node.dicom.modules import node_equipment, patient_study
 from node.volume import SeriesIdentity
 
@@ -68,7 +66,6 @@ def derived_header(source: Dataset, identity: SeriesIdentity, *, kind: str, sop_
     ds.ContentDate, ds.ContentTime = ds.SeriesDate, ds.SeriesTime
     ds.InstanceCreationDate, ds.InstanceCreationTime = ds.SeriesDate, ds.SeriesTime
     ds.update(node_equipment())
-    ds.SoftwareVersions = __version__
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class_uid
     meta.MediaStorageSOPInstanceUID = sop_uid
@@ -91,12 +88,6 @@ def write(ds: Dataset, path: Path) -> Path:
     pydicom.dcmwrite(tmp, ds, enforce_file_format=True)
     os.replace(tmp, path)
     return path
-
-
-def options_seed(options: dict[str, Any]) -> str | None:
-    """The UID seed a job gives an output (``uid_seed``), if any."""
-    seed = options.get("uid_seed")
-    return str(seed) if seed else None
 
 
 def encapsulate_document(ds: Dataset, data: bytes, mime_type: str, title: str) -> Dataset:
