@@ -130,11 +130,9 @@ def read_tar(raw: Any, folder: Path) -> tuple[int, int]:
 
 def content_digest(path: Path) -> tuple[str, int]:
     """``sha-256=:<base64>:`` (RFC 9530) of a file, and its size."""
-    sha, size = hashlib.sha256(), 0
     with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(CHUNK), b""):
-            sha.update(chunk)
-            size += len(chunk)
+        sha = hashlib.file_digest(handle, "sha256")
+        size = handle.tell()
     return f"sha-256=:{base64.b64encode(sha.digest()).decode()}:", size
 
 

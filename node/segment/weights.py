@@ -473,11 +473,8 @@ def _import_folder(folder: Path, base: Path) -> list[ImportedDataset]:
 def zip_sha256(path: Path) -> str:
     import hashlib
 
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def check_zip(source: Path, expected_sha256: str | None = None) -> str:

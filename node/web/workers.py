@@ -183,6 +183,18 @@ class WorkerRoutes:
             return _error(409, f"this run does not hold the job (it is {job.state})", state=job.state)
         return job
 
+    async def _run_call(self, request: Request) -> tuple[str, dict[str, Any], Job | JSONResponse]:
+        """What a call about a run (heartbeat, done, fail, release) starts from: the job id, the JSON body,
+        and the job if the asking worker's run (``run_id`` in the body) holds it, else the 404/409 answer."""
+        job_id = request.path_params["job_id"]
+        body = await self._body(request)
+        return job_id, body, self._held(request, job_id, str(body.get("run_id") or ""))
+
+    @staticmethod
+    def _timings(body: dict[str, Any]) -> dict[str, float]:
+        timings = body.get("timings") if isinstance(body.get("timings"), dict) else {}
+        return {str(k): float(v) for k, v in timings.items() if isinstance(v, (int, float))}
+
     # --- routes -------------------------------------------------------------------------------
     async def hello(self, request: Request) -> Response:
         body = await self._body(request)
@@ -215,12 +227,10 @@ class WorkerRoutes:
         return JSONResponse({"run_id": job.run_id, "lease_s": self.lease_s, "job": worker_job(job)})
 
     async def heartbeat(self, request: Request) -> Response:
-        job_id = request.path_params["job_id"]
-        body = await self._body(request)
-        run_id = str(body.get("run_id") or "")
-        held = self._held(request, job_id, run_id)
+        job_id, body, held = await self._run_call(request)
         if isinstance(held, JSONResponse):
             return held
+        run_id = str(held.run_id)
         self._seen(request, body, job=job_id)
         if body.get("stage"):
             owned = self.store.progress(job_id, run_id, str(body["stage"]), float(body.get("progress") or 0.0),
@@ -296,21 +306,18 @@ class WorkerRoutes:
         return JSONResponse({"path": relative, "stored": not stored}, status_code=201 if not stored else 200)
 
     async def done(self, request: Request) -> Response:
-        job_id = request.path_params["job_id"]
-        body = await self._body(request)
-        run_id = str(body.get("run_id") or "")
-        held = self._held(request, job_id, run_id)
+        job_id, body, held = await self._run_call(request)
         if isinstance(held, JSONResponse):
             return held
         worker = self._seen(request, body, job=None)
-        run_dir = self.results_root / job_id / run_id
+        run_dir = self.results_root / job_id / str(held.run_id)
         files = body.get("files") if isinstance(body.get("files"), dict) else {}
         missing = sorted(path for path, size in files.items()
                          if safe_result_path(path) is None or not (run_dir / path).is_file()
                          or (run_dir / path).stat().st_size != size)
         if missing:
             return _error(422, "results missing or incomplete; upload them again", missing=missing)
-        timings = {k: float(v) for k, v in (body.get("timings") or {}).items() if isinstance(v, (int, float))}
+        timings = self._timings(body)
         # Outputs that failed while the segmentation succeeded: "done, N output(s) failed", as a local run.
         reported = body.get("failed_outputs") if isinstance(body.get("failed_outputs"), dict) else {}
         failed = {str(name)[:100]: {"code": str(e.get("code", ""))[:64],
@@ -328,14 +335,11 @@ class WorkerRoutes:
         return JSONResponse({"state": state})
 
     async def fail(self, request: Request) -> Response:
-        job_id = request.path_params["job_id"]
-        body = await self._body(request)
-        run_id = str(body.get("run_id") or "")
-        held = self._held(request, job_id, run_id)
+        job_id, body, held = await self._run_call(request)
         if isinstance(held, JSONResponse):
             return held
         worker = self._seen(request, body, job=None)
-        timings = {k: float(v) for k, v in (body.get("timings") or {}).items() if isinstance(v, (int, float))}
+        timings = self._timings(body)
         code = str(body.get("code") or "internal_error")[:64]
         message = str(body.get("message") or "")[:2000]
         state = self.runner.failed_elsewhere(held, code, message, timings)
@@ -348,13 +352,11 @@ class WorkerRoutes:
     async def release(self, request: Request) -> Response:
         """The worker stops with the run unfinished (``segnode worker`` on SIGTERM): queued again at
         once for another worker, as a stopping node does with its own runs."""
-        job_id = request.path_params["job_id"]
-        body = await self._body(request)
-        run_id = str(body.get("run_id") or "")
-        held = self._held(request, job_id, run_id)
+        job_id, body, held = await self._run_call(request)
         if isinstance(held, JSONResponse):
             return held
         worker = self._seen(request, body, job=None)
+        run_id = str(held.run_id)
         reason = str(body.get("reason") or "the worker stopped")[:500]
         after = self.store.release(job_id, run_id, f"worker {self._name(request)}: {reason}")
         if after is None:
@@ -366,8 +368,5 @@ class WorkerRoutes:
 
 
 def _sha256(path: Path) -> bytes:
-    sha = hashlib.sha256()
     with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(CHUNK), b""):
-            sha.update(chunk)
-    return sha.digest()
+        return hashlib.file_digest(handle, "sha256").digest()
