@@ -71,6 +71,34 @@ class ServerError(RuntimeError):
     """A server did not start, or a client program or request failed; the message says why."""
 
 
+def wait_for(
+    probe: Callable[[], Any], timeout: float = 60.0, what: str = "a condition", logs: Callable[[], str] = str
+) -> Any:
+    """``probe()``'s first truthy value, polled every 50 ms. After ``timeout`` seconds an AssertionError
+    names ``what`` and appends ``logs()``: a guard against a hang, never a timing assertion."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: not within {timeout} s\n{logs()}")
+
+
+def stop_child(process: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> int:
+    """Send ``sig`` to a child we started (by its PID) and return its exit status, SIGKILL after 30 s;
+    0 when there is none."""
+    if process is None:
+        return 0
+    if process.poll() is None:
+        os.kill(process.pid, sig)
+    try:
+        return process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now (the kernel picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -94,6 +122,18 @@ def require_program(path_or_name: str | os.PathLike[str]) -> str:
     if not found:
         pytest.skip(f"{text} is not installed")
     return found
+
+
+def self_signed_cert(folder: Path, name: str = "tls", days: int = 2) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (its CN and subjectAltName) valid ``days`` days, and its
+    key, made by openssl in ``folder``: ``(<name>.pem, <name>.key)``."""
+    cert, key = folder / f"{name}.pem", folder / f"{name}.key"
+    subprocess.run(
+        [require_program("openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+         "-out", str(cert), "-days", str(days), "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
 
 
 def _die_with_parent() -> None:
@@ -582,6 +622,20 @@ class RedisServer(ServerProcess):
 REPO = Path(__file__).resolve().parents[1]
 
 
+#: A node's rules.toml for the tests that run whole jobs: every original CT, the threshold engine, a SEG.
+THRESHOLD_SEG_RULES = """
+[[rule]]
+name = "ct-seg"
+destinations = ["*"]
+[rule.match]
+modality = ["CT"]
+image_type = ["ORIGINAL"]
+[rule.pipeline]
+engine = "threshold"
+outputs = ["seg"]
+"""
+
+
 class SegnodeServe:
     """``segnode serve`` as a subprocess on free loopback ports with a temporary config; stopped by its PID.
 
@@ -682,15 +736,7 @@ quiet_seconds = {quiet_seconds}
     def stop(self, sig: int = signal.SIGTERM) -> int:
         """Send ``sig`` to the PID we started and return its exit status (0 if it was not running)."""
         process, self.process = self.process, None
-        if process is None:
-            return 0
-        if process.poll() is None:
-            os.kill(process.pid, sig)
-        try:
-            return process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            return process.wait()
+        return stop_child(process, sig)
 
 
 @contextmanager
@@ -763,12 +809,4 @@ class SegnodeWorker:
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         process, self.process = self.process, None
-        if process is None:
-            return 0
-        if process.poll() is None:
-            os.kill(process.pid, sig)
-        try:
-            return process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            return process.wait()
+        return stop_child(process, sig)

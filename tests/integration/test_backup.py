@@ -20,22 +20,12 @@ from node.backup import BackupError, restore
 from node.cli import app
 from node.dicom.series import read_datasets
 from node.phantom import TINY, write_phantom
-from tests.servers import SegnodeServe, StoreSCP, free_port
+from tests.servers import THRESHOLD_SEG_RULES, SegnodeServe, StoreSCP, free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
 TOKEN = "backup-test-token"
-RULES = """
-[[rule]]
-name = "ct-seg"
-destinations = ["*"]
-[rule.match]
-modality = ["CT"]
-image_type = ["ORIGINAL"]
-[rule.pipeline]
-engine = "threshold"
-outputs = ["seg"]
-"""
+RULES = THRESHOLD_SEG_RULES
 
 
 def make_node(workdir: Path, pacs_port: int, archive: Path) -> SegnodeServe:
@@ -73,16 +63,6 @@ def segnode(config: Path, *args: str):
     return CliRunner().invoke(app, ["--config", str(config), *args])
 
 
-def wait_for(what: str, probe, node: SegnodeServe, timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what}: not within {timeout} s\n{node.log()}")
-
-
 def test_backup_while_delivering_then_restore_elsewhere_delivers_each_result_once(
     tmp_path: Path, nodes: list[SegnodeServe]
 ) -> None:
@@ -108,7 +88,9 @@ def test_backup_while_delivering_then_restore_elsewhere_delivers_each_result_onc
         )
         return jobs if ready else None
 
-    jobs_a = wait_for("the job done, delivered to the archive, failing at the PACS", pending_at_pacs, a)
+    jobs_a = wait_for(
+        pending_at_pacs, what="the job done, delivered to the archive, failing at the PACS", logs=a.log
+    )
     assert {j["destinations"]["pacs"]["state"] for j in jobs_a} <= {"pending", "delivering"}
 
     backup = tmp_path / "node-a.tar"
@@ -155,7 +137,7 @@ def restore_and_deliver(
         done = len(jobs) == 1 and all(j["destinations"]["pacs"]["state"] == "delivered" for j in jobs)
         return jobs if done else None
 
-    jobs_b = wait_for("the restored node delivers to the PACS", delivered_at_pacs, b)
+    jobs_b = wait_for(delivered_at_pacs, what="the restored node delivers to the PACS", logs=b.log)
     assert sorted(j["id"] for j in jobs_b) == sorted(j["id"] for j in jobs_a)
     for job in jobs_b:
         assert (job["state"], job["attempts"]) == ("done", 1)  # not run again

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from typer.testing import CliRunner, Result
 
 from node import doctor
 from node.config import Settings
-from tests.servers import REPO, OrthancServer, RedisServer, SegnodeServe, free_port
+from tests.servers import REPO, OrthancServer, RedisServer, SegnodeServe, free_port, self_signed_cert
 
 pytestmark = pytest.mark.integration
 
@@ -26,28 +25,7 @@ TOKEN = "doctor-token"
 
 
 def self_signed(folder: Path, name: str) -> tuple[Path, Path]:
-    cert, key = folder / f"{name}.pem", folder / f"{name}.key"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-days",
-            "365",
-            "-subj",
-            "/CN=segnode-doctor",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
+    return self_signed_cert(folder, name, days=365)  # doctor warns about one that expires within 30 days
 
 
 def rules(blender: bool) -> str:

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import io
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,24 +24,14 @@ from node.dicom.seg import read_seg
 from node.nifti import read_nifti
 from node.phantom import TINY, write_phantom
 from tests.integration.test_outbox import PASSWORD, USER, SecureOrthanc
-from tests.servers import SegnodeServe, parse_multipart_related, storescu
+from tests.servers import THRESHOLD_SEG_RULES, SegnodeServe, parse_multipart_related, storescu, wait_for
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 PLUGIN = REPO / "orthanc" / "segnode_plugin.py"
 TOKEN = "e2e-token"
-RULES = """
-[[rule]]
-name = "ct-seg"
-destinations = ["*"]
-[rule.match]
-modality = ["CT"]
-image_type = ["ORIGINAL"]
-[rule.pipeline]
-engine = "threshold"
-outputs = ["seg"]
-"""
+RULES = THRESHOLD_SEG_RULES
 
 
 def make_node(workdir: Path, extra: str = "") -> SegnodeServe:
@@ -101,16 +90,6 @@ def source_uids(phantom: dict[str, Path]) -> tuple[str, str]:
     return str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
 
 
-def wait_for(what: str, probe: Callable[[], Any], timeout: float = 60, logs: Callable[[], str] = str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what}: not within {timeout} s\n{logs()}")
-
-
 def assert_seg_is_the_jobs_labels(
     seg_bytes: bytes, job: dict, phantom: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -153,8 +132,8 @@ password = "{PASSWORD}"
     storescu([phantom["dicom"]], "127.0.0.1", orthanc.dicom_port, orthanc.aet)
 
     segs = wait_for(
-        "a SEG series in the study (QIDO-RS)",
         lambda: orthanc.qido(f"/studies/{study}/series?Modality=SEG"),
+        what="a SEG series in the study (QIDO-RS)",
         logs=lambda: node.log() + orthanc.log_tail(),
     )
     job = node.wait_job(  # the SEG goes out while the job still writes its other results: wait for both
@@ -186,8 +165,8 @@ password = "{PASSWORD}"
     assert_seg_is_the_jobs_labels(seg_part, job, phantom, tmp_path)
     # The SEG became a stable series in Orthanc too: the plugin saw it and kept it from the node.
     status = wait_for(
-        "the plugin's decision on the SEG series",
         lambda: (s := orthanc.rest_get("/segnode/status"))["skipped"] and s,
+        what="the plugin's decision on the SEG series",
     )
     assert (status["handed_off"], status["skipped"], status["failed"]) == (1, 1, 0)
     skipped = next(e for e in status["recent"] if e["outcome"] == "skipped")

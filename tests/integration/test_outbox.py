@@ -10,7 +10,6 @@ import base64
 import io
 import json
 import ssl
-import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -26,7 +25,7 @@ from node.dicom.writer import SeriesInfo, write_series
 from node.export.outbox import Outbox
 from node.export.senders import make_sender
 from node.phantom import TINY, make_phantom
-from tests.servers import OrthancServer, ServerError, require_program
+from tests.servers import OrthancServer, ServerError, self_signed_cert
 
 pytestmark = pytest.mark.integration
 
@@ -309,32 +308,7 @@ class TlsRelay:
 
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory) -> tuple[Path, Path]:
-    openssl = require_program("openssl")
-    folder = tmp_path_factory.mktemp("tls")
-    key, cert = folder / "key.pem", folder / "cert.pem"
-    subprocess.run(
-        [
-            openssl,
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-days",
-            "2",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
+    return self_signed_cert(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import signal
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +24,9 @@ from pydicom.uid import generate_uid
 from node.config import Settings
 from node.jobs.remote import NodeClient, NodeUnreachable
 from node.phantom import TINY, write_phantom
-from tests.servers import RedisServer, SegnodeServe, SegnodeWorker, free_port, require_program, storescu
+from tests.servers import (
+    RedisServer, SegnodeServe, SegnodeWorker, free_port, self_signed_cert, storescu, wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -97,16 +98,6 @@ def segs(out: Path) -> list[pydicom.Dataset]:
     return [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(out.rglob("*.dcm"))]
 
 
-def wait_until(check: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout} s: {what}")
-
-
 def delivered_once(job: dict) -> bool:
     out = job["destinations"].get("out", {})
     return out.get("state") == "delivered"
@@ -129,9 +120,11 @@ def test_ten_series_two_remote_workers_each_once(cluster, tmp_path: Path, phanto
 
     storescu([folder for _, folder in series], "127.0.0.1", node.dicom_port, "SEGNODE")
 
-    jobs = wait_until(lambda: (lambda js: len(js) == 10 and all(j["state"] == "done" and delivered_once(j)
+    jobs = wait_for(lambda: (lambda js: len(js) == 10 and all(j["state"] == "done" and delivered_once(j)
                                                                   for j in js) and js)(node.api("/api/jobs")),
-                      90, "ten jobs done and delivered")
+                      90, "ten jobs done and delivered",
+                      lambda: "\n".join(f"{j['state']} {j['destinations']}" for j in node.api("/api/jobs"))
+                      + "\n" + node.log(tail=4000))
     assert sorted(j["series_uid"] for j in jobs) == sorted(uid for uid, _ in series)
     for job in jobs:
         assert (job["attempts"], job["error"]) == (1, None)
@@ -148,7 +141,7 @@ def test_ten_series_two_remote_workers_each_once(cluster, tmp_path: Path, phanto
         uid for uid, _ in series)
     assert len({str(s.SOPInstanceUID) for s in delivered}) == 10
     for w in workers:  # inputs and results are removed after each job (results once "done" is answered)
-        wait_until(lambda: not any(p.is_file() for p in w.data_dir.rglob("*")), 10, "worker folders emptied")
+        wait_for(lambda: not any(p.is_file() for p in w.data_dir.rglob("*")), 10, "worker folders emptied")
         assert_no_node_path(w, node)
     dashboard = httpx.get(f"{node.url}/api/dashboard", headers={"Authorization": f"Bearer {TOKEN}"},
                           trust_env=False).json()
@@ -172,7 +165,7 @@ def test_a_worker_killed_mid_job_loses_its_lease_and_the_other_finishes_it_once(
     [(series_uid, folder)] = copies(phantom, tmp_path / "series", 1)
 
     storescu([folder], "127.0.0.1", node.dicom_port, "SEGNODE")
-    marker = wait_until(lambda: next(iter(tmp_path.glob("release.*")), None), 30, "a run in its segment stage")
+    marker = wait_for(lambda: next(iter(tmp_path.glob("release.*")), None), 30, "a run in its segment stage")
     victim = next(w for w in workers if marker.name == f"release.{w.pid}")
     other = next(w for w in workers if w is not victim)
     job_id = marker.read_text()
@@ -192,7 +185,7 @@ def test_a_worker_killed_mid_job_loses_its_lease_and_the_other_finishes_it_once(
 
     victim.start().wait_ready()  # the killed worker, restarted: it holds nothing, delivers nothing
     assert not (victim.data_dir / "inputs").exists() and not (victim.data_dir / "results").exists()
-    wait_until(lambda: len([w for w in node.api("/api/dashboard")["workers"]
+    wait_for(lambda: len([w for w in node.api("/api/dashboard")["workers"]
                             if w["id"].split(":")[1] == str(victim.pid)]) == 1, 10, "the restarted worker says hello")
     time.sleep(2)  # a lease: what it would deliver would be there by now
     after = node.api(f"/api/jobs/{job_id}")
@@ -214,7 +207,7 @@ def test_a_silent_worker_loses_its_lease_and_its_late_run_changes_nothing(
     [(series_uid, folder)] = copies(phantom, tmp_path / "series", 1)
 
     storescu([folder], "127.0.0.1", node.dicom_port, "SEGNODE")
-    marker = wait_until(lambda: next(iter(tmp_path.glob("release.*")), None), 30, "a run in its segment stage")
+    marker = wait_for(lambda: next(iter(tmp_path.glob("release.*")), None), 30, "a run in its segment stage")
     late = next(w for w in workers if marker.name == f"release.{w.pid}")
     job_id = marker.read_text()
     late.process.send_signal(signal.SIGSTOP)
@@ -225,9 +218,9 @@ def test_a_silent_worker_loses_its_lease_and_its_late_run_changes_nothing(
     assert job["history"][2]["detail"] == "the worker's lease expired (no heartbeat for 2 s)"
 
     late.process.send_signal(signal.SIGCONT)
-    wait_until(lambda: "lost the job" in late.log() or "taken from it meanwhile" in late.log(), 30,
+    wait_for(lambda: "lost the job" in late.log() or "taken from it meanwhile" in late.log(), 30,
                "the late run told it lost the job")
-    wait_until(lambda: not any(p.is_file() for p in late.data_dir.rglob("*")), 10, "the late run's files removed")
+    wait_for(lambda: not any(p.is_file() for p in late.data_dir.rglob("*")), 10, "the late run's files removed")
     time.sleep(1)
     after = node.api(f"/api/jobs/{job_id}")
     assert [e["event"] for e in after["history"]] == events and after["results"] == job["results"]
@@ -375,7 +368,7 @@ def test_a_gpu_job_waits_for_a_gpu_worker(cluster, tmp_path: Path, phantom: Path
     storescu([folder], "127.0.0.1", node.dicom_port, "SEGNODE")
     job = node.wait_job(lambda j: j["series_uid"] == series_uid, timeout=30)
     gpu_queue = RedisHuey(name="segnode-gpu", url=redis_server.url)
-    wait_until(lambda: gpu_queue.pending_count() == 1, 10, "the job in the GPU queue")
+    wait_for(lambda: gpu_queue.pending_count() == 1, 10, "the job in the GPU queue")
     time.sleep(3)  # a lease: the CPU worker has said hello and waited on its queue meanwhile
     job = node.api(f"/api/jobs/{job['id']}")
     assert (job["state"], job["attempts"], job["waiting"]) == ("queued", 0, "waiting for a GPU worker")
@@ -393,10 +386,7 @@ def test_a_gpu_job_waits_for_a_gpu_worker(cluster, tmp_path: Path, phantom: Path
 def test_worker_and_node_over_tls_with_a_self_signed_certificate(cluster, tmp_path: Path, phantom: Path) -> None:
     """The node serves HTTPS itself ([http] tls_cert/tls_key); the worker verifies it with [worker]
     ca_bundle, and refuses it without (the system's CAs do not know a self-signed certificate)."""
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run([require_program("openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
-                    "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1", "-addext",
-                    "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    cert, key = self_signed_cert(tmp_path)
     node = cluster(lease_s=30, tls=(cert, key))
     assert node.url.startswith("https://")
     worker = cluster.worker("w0", node.url, extra=f'[worker]\nca_bundle = "{cert}"\n')

@@ -49,7 +49,9 @@ from node.ingest.instance import encode_instance, file_meta
 from node.ingest.scp import Listener, start_listener
 from node.ingest.send import handle_open
 from node.ingest.spool import Spool
-from tests.servers import HOST, ServerError, echoscu, free_port, port_is_open, require_program, storescu
+from tests.servers import (
+    HOST, ServerError, echoscu, free_port, port_is_open, require_program, self_signed_cert, storescu, wait_for,
+)
 from tests.unit.test_series import ramp_volume
 from tests.unit.test_spool import bare
 
@@ -75,13 +77,6 @@ class Events:
             self._changed.wait_for(lambda: len(self.items) >= count, timeout)
             assert len(self.items) >= count, f"{len(self.items)} SeriesReady, expected {count}"
             return list(self.items)
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
 
 
 @pytest.fixture
@@ -197,7 +192,7 @@ def test_a_bad_instance_gets_its_status_and_the_association_goes_on(listen, tmp_
         f"{ds.SOPInstanceUID}.dcm" for ds in (good1, good2))
     assert not Path("/tmp/segnode-evil").exists()
     listener.receiver.poll()
-    wait_until(lambda: listener.receiver.tracker.state(good1.SeriesInstanceUID, 0).open_sessions == 0)
+    wait_for(lambda: listener.receiver.tracker.state(good1.SeriesInstanceUID, 0).open_sessions == 0)
     assert listener.receiver.tracker.state(good1.SeriesInstanceUID, 0).instance_count == 2
 
 
@@ -209,7 +204,7 @@ def test_duplicates_are_idempotent(listen, tmp_path: Path) -> None:
         assert [assoc.send_c_store(ds).Status for ds in series + series[:2]] == [0] * 8
         assoc.release()
     uid = series[0].SeriesInstanceUID
-    wait_until(lambda: (s := listener.receiver.tracker.state(uid, 0)) is not None and s.open_sessions == 0)
+    wait_for(lambda: (s := listener.receiver.tracker.state(uid, 0)) is not None and s.open_sessions == 0)
     assert len(spool_files(tmp_path / "data" / "spool")) == 6
     assert len(listener.receiver.spool.instances(uid)) == 6
     assert [(r.instance_count, r.generation) for r in events.wait(1)] == [(6, 1)]
@@ -243,12 +238,7 @@ def test_unknown_source_address_is_rejected_at_association(listen) -> None:
 
 
 def test_tls(listen, tmp_path: Path) -> None:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [require_program("openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    cert, key = self_signed_cert(tmp_path)
     listener, events = listen(tls_cert=cert, tls_key=key)
     client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
     client.check_hostname = False
@@ -329,7 +319,7 @@ def test_sigkill_during_ingest_loses_no_acknowledged_instance(tmp_path: Path) ->
 
     sender = threading.Thread(target=send)
     sender.start()
-    wait_until(lambda: len(acknowledged) >= 50)
+    wait_for(lambda: len(acknowledged) >= 50)
     node.send_signal(signal.SIGKILL)
     node.wait()
     sender.join(30)
@@ -555,7 +545,7 @@ def test_max_associations(listen) -> None:
     rj = third.acceptor.primitive
     assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x02)  # transient, local limit
     first.release()
-    wait_until(lambda: listener._counted == 1)
+    wait_for(lambda: listener._counted == 1)
     fourth = scu(listener.port)
     assert fourth.is_established
     second.release()

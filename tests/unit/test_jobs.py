@@ -27,20 +27,10 @@ from node.phantom import TINY, write_phantom
 from node.pipeline import PipelineError, ProgressEvent
 from node.rules import Match, PipelineSpec, Rule
 from node.segment import SegmentationError
+from tests.servers import wait_for
 from tests.unit.test_series import ramp_volume
 
 RULES = (Rule(name="ct", match=Match(modality=["CT"]), pipeline=PipelineSpec(engine="fake")),)
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 30.0) -> object:
-    """Poll until ``predicate()`` is truthy; fail (not a timing assert: a hang guard) otherwise."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 @dataclass
