@@ -155,20 +155,26 @@ def test_ten_series_two_remote_workers_each_once(cluster, tmp_path: Path, phanto
     assert 'segnode_worker_jobs_total{state="done",worker="w"} 10.0' in metrics
 
 
-def test_a_worker_killed_mid_job_loses_its_lease_and_the_other_finishes_it_once(
-        cluster, tmp_path: Path, phantom: Path) -> None:
+def held_run(cluster, tmp_path: Path, phantom: Path) -> tuple[SegnodeServe, Path, str, str, SegnodeWorker,
+                                                               SegnodeWorker]:
+    """A node with a 2 s lease, two workers and one series whose run waits as its segment stage starts
+    until the file ``hold`` exists: (node, hold, series UID, job id, the worker running it, the other)."""
     node = cluster(lease_s=2)
-    hold = tmp_path / "release"  # each run waits as its segment stage starts until this file exists
+    hold = tmp_path / "release"
     workers = [cluster.worker(f"w{i}", node.url, env={"SEGNODE_TEST_HOLD_SEGMENT": str(hold)}) for i in range(2)]
     for w in workers:
         w.wait_ready()
     [(series_uid, folder)] = copies(phantom, tmp_path / "series", 1)
-
     storescu([folder], "127.0.0.1", node.dicom_port, "SEGNODE")
     marker = wait_for(lambda: next(iter(tmp_path.glob("release.*")), None), 30, "a run in its segment stage")
-    victim = next(w for w in workers if marker.name == f"release.{w.pid}")
-    other = next(w for w in workers if w is not victim)
-    job_id = marker.read_text()
+    running = next(w for w in workers if marker.name == f"release.{w.pid}")
+    other = next(w for w in workers if w is not running)
+    return node, hold, series_uid, marker.read_text(), running, other
+
+
+def test_a_worker_killed_mid_job_loses_its_lease_and_the_other_finishes_it_once(
+        cluster, tmp_path: Path, phantom: Path) -> None:
+    node, hold, series_uid, job_id, victim, other = held_run(cluster, tmp_path, phantom)
     assert node.api(f"/api/jobs/{job_id}")["stage"] == "segment"  # fetched, inferring
     assert list((victim.data_dir / "inputs" / job_id).iterdir())  # the series it fetched
 
@@ -199,17 +205,7 @@ def test_a_silent_worker_loses_its_lease_and_its_late_run_changes_nothing(
         cluster, tmp_path: Path, phantom: Path) -> None:
     """SIGSTOP (alive, silent): the lease expires, the other worker finishes the job; SIGCONT: the late
     run is told it lost the job (409), drops it and delivers nothing."""
-    node = cluster(lease_s=2)
-    hold = tmp_path / "release"
-    workers = [cluster.worker(f"w{i}", node.url, env={"SEGNODE_TEST_HOLD_SEGMENT": str(hold)}) for i in range(2)]
-    for w in workers:
-        w.wait_ready()
-    [(series_uid, folder)] = copies(phantom, tmp_path / "series", 1)
-
-    storescu([folder], "127.0.0.1", node.dicom_port, "SEGNODE")
-    marker = wait_for(lambda: next(iter(tmp_path.glob("release.*")), None), 30, "a run in its segment stage")
-    late = next(w for w in workers if marker.name == f"release.{w.pid}")
-    job_id = marker.read_text()
+    node, hold, series_uid, job_id, late, _ = held_run(cluster, tmp_path, phantom)
     late.process.send_signal(signal.SIGSTOP)
     hold.touch()
     job = node.wait_job(lambda j: j["id"] == job_id and j["state"] == "done" and delivered_once(j), timeout=60)
