@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(table(rows), flush=True)
     if args.total:
         rows += bench_case(args.total_case, home, work, total=True, threads=args.threads)
-    print(f"\nTotalSegmentator --fast CLI vs node, CPU, {os.cpu_count()} cores, torch threads {args.threads}")
+    print(f"\nTotalSegmentator CLI vs node, CPU, {os.cpu_count()} cores, torch threads {args.threads}")
     print(table(rows), flush=True)
     return rows
 
