@@ -117,11 +117,15 @@ def default_pipeline(input_path: Path, outdir: Path, request: Any, progress: Cal
 def seg_uids(job: Job) -> dict[str, str]:
     """The SEG's Series and SOP Instance UIDs, derived from the job id: every run of a job writes the
     same instance, so a SEG handed to the outbox by a run that later failed (or was cut off) is not
-    delivered a second time, as another instance, by the retry. Derived as every other output's
-    (:func:`node.dicom.derived.derived_uid`, seeded by the job id)."""
-    from node.dicom.derived import derived_uid
+    delivered a second time, as another instance, by the retry. Their entropy strings are kept from
+    the first release that wrote them, so a job in flight across an upgrade keeps its SEG's UIDs (the
+    other outputs use :func:`node.dicom.derived.derived_uid`)."""
+    from pydicom.uid import generate_uid
 
-    return {"series_uid": derived_uid(job.id, "seg series"), "sop_uid": derived_uid(job.id, "seg instance")}
+    return {
+        "series_uid": generate_uid(entropy_srcs=["segnode job SEG series", job.id]),
+        "sop_uid": generate_uid(entropy_srcs=["segnode job SEG instance", job.id]),
+    }
 
 
 #: Outputs whose UIDs derive from the job id (their ``uid_seed`` option), as the SEG's do (:func:`seg_uids`).

@@ -502,6 +502,13 @@ def test_seg_uids_are_the_job_s_and_a_rule_s_own_win(tmp_path: Path) -> None:
         other = Job.from_json(job.to_json())
         other.id = "another-job"
         assert set(seg_uids(other).values()).isdisjoint(uids.values())
+        # The same as the release before (0.1.0) derived for that job id: a job in flight across an
+        # upgrade must not deliver its SEG a second time as another instance.
+        other.id = "job-1"
+        assert seg_uids(other) == {
+            "series_uid": "1.2.826.0.1.3680043.8.498.13164247972642269700510698844585142479",
+            "sop_uid": "1.2.826.0.1.3680043.8.498.26112511110866318176419225452025595836",
+        }
         assert build_request(job, settings).stage_options["seg"] == {"sop_uid": "1.2.3.4",
                                                                      "series_uid": uids["series_uid"]}
     finally:
