@@ -547,14 +547,10 @@ def _crop_choice(task: str, cfg: dict, robust_rs: bool) -> tuple[int, float, str
 
 def _parts(task_name: str) -> tuple[dict, dict]:
     """nnUNet_predict_image's (class map per part, dataset id -> part name) of a task run in parts."""
-    from totalsegmentator import map_to_binary as M
-
-    return {
-        "total": (M.class_map_5_parts, M.map_taskid_to_partname_ct),
-        "total_v3": (M.class_map_5_parts_total_v3, M.map_taskid_to_partname_ct_v3),
-        "total_mr": (M.class_map_parts_mr, M.map_taskid_to_partname_mr),
-        "headneck_muscles": (M.class_map_parts_headneck_muscles, M.map_taskid_to_partname_headneck_muscles),
-    }[task_name]
+    parts = W._part_maps(task_name)
+    if parts is None:
+        raise KeyError(task_name)
+    return parts
 
 
 def _part_ids(task_name: str, task_id: list[int], roi_subset: list[str] | None) -> list[int]:

@@ -130,7 +130,8 @@ def _task_ids(value: Any) -> list[int]:
 
 
 def _part_maps(task: str) -> tuple[dict, dict] | None:
-    """(parts' class maps, dataset id -> part name) for the tasks TotalSegmentator runs in parts."""
+    """(parts' class maps, dataset id -> part name) for the tasks TotalSegmentator runs in parts (the
+    tables ``nnunet.nnUNet_predict_image`` picks the roi_subset's parts from), else None."""
     maps = _package()[1]
     table = {
         "total": ("class_map_5_parts", "map_taskid_to_partname_ct"),
@@ -152,12 +153,16 @@ def required_datasets(
     roi_subset: tuple[str, ...] | list[str] = (),
     robust_crop: bool | None = None,
 ) -> list[int]:
-    """Dataset ids TotalSegmentator 2.x loads for this run, in the order it loads them.
+    """Dataset ids TotalSegmentator 2.x needs on disk for this run: the rough crop model first, then the
+    task's own, then 305 for ``vertebrae_pp_refined``.
 
-    Mirrors ``python_api.totalsegmentator``: the task's model(s) (for a task run in parts with a
-    ``roi_subset``, only the parts holding those structures), plus the rough model it crops with
-    (``total`` 6 mm, or 3 mm when robust; ``total_mr`` 3 mm; ``body`` 6 mm for body crops; or the
-    task named by ``crop_model``), plus 305 for ``vertebrae_pp_refined``.
+    Mirrors ``python_api.totalsegmentator``, which calls ``download_pretrained_weights`` (a download
+    when the folder is missing) for: every id of the task's ``task_id`` -- all parts of a task run in
+    parts, even when a ``roi_subset`` later predicts only the parts holding its structures -- plus the
+    rough model it crops with (``total`` 6 mm, or 3 mm when robust; ``total_mr`` 3 mm; ``body`` 6 mm
+    for body crops; or the task named by ``crop_model``), plus 305 for ``vertebrae_pp_refined``.
+    The resident engine (:mod:`node.segment.resident`) loads a subset of these (only the roi parts)
+    but falls back to ``python_api`` for what it does not run, so the check is ``python_api``'s.
     """
     config = task_config(task, fast=fast, fastest=fastest, robust_crop=robust_crop)
     roi = list(roi_subset) or None
@@ -179,12 +184,8 @@ def required_datasets(
         else:
             ids.extend(required_datasets(crop_model))
 
-    main = _task_ids(config.get("task_id"))
-    parts = _part_maps(task)
-    if roi is not None and len(main) > 1 and parts is not None:
-        part_maps, id_to_part = parts
-        main = [tid for tid in main if any(name in roi for name in part_maps[id_to_part[tid]].values())]
-    ids.extend(main)
+    # python_api downloads every part before nnUNet_predict_image narrows them to the roi_subset's.
+    ids.extend(_task_ids(config.get("task_id")))
     if task == "vertebrae_pp_refined":
         ids.append(305)
     return list(dict.fromkeys(ids))

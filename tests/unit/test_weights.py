@@ -58,14 +58,15 @@ def weights_zip(path: Path, dataset: str = D297, prefix: str = "", payload: byte
         ("total", {}, [291, 292, 293, 294, 295]),
         ("total", {"fast": True}, [297]),
         ("total", {"fastest": True}, [298]),
-        ("total", {"roi_subset": ("liver",)}, [298, 291]),  # the crop model, then only the organs part
-        ("total", {"roi_subset": ("liver", "vertebrae_L1")}, [298, 291, 292]),
+        # the crop model, then every part: python_api downloads all five before it predicts the roi's
+        ("total", {"roi_subset": ("liver",)}, [298, 291, 292, 293, 294, 295]),
+        ("total", {"roi_subset": ("liver", "vertebrae_L1")}, [298, 291, 292, 293, 294, 295]),
         ("total", {"fast": True, "roi_subset": ("liver",)}, [298, 297]),
         ("total", {"fast": True, "roi_subset": ("liver",), "robust_crop": True}, [297]),
         ("liver_vessels", {}, [298, 8]),
         ("liver_vessels", {"robust_crop": True}, [297, 8]),
         ("total_mr", {"fast": True}, [852]),
-        ("total_mr", {"roi_subset": ("liver",)}, [852, 850]),  # MR always crops with its 3 mm model
+        ("total_mr", {"roi_subset": ("liver",)}, [852, 850, 851]),  # MR always crops with its 3 mm model
         ("lung_vessels", {}, [297, 117]),  # robust_crop is this task's own default
         ("vertebrae_pp_refined", {}, [803, 305]),
     ],
