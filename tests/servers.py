@@ -136,6 +136,28 @@ def self_signed_cert(folder: Path, name: str = "tls", days: int = 2) -> tuple[Pa
     return cert, key
 
 
+def large_instance(folder: Path, megabytes: int, name: str = "large.dcm") -> Path:
+    """A Secondary Capture of ``megabytes`` of pixel data: more than loopback's socket buffers hold, so
+    a peer that stops reading leaves the sender's writes blocked mid-request."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    side = int((megabytes * 1024 * 1024 / 2) ** 0.5)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "OT"
+    ds.Rows = ds.Columns = side
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.PixelData = bytes(side * side * 2)
+    folder.mkdir(parents=True, exist_ok=True)
+    ds.save_as(folder / name, enforce_file_format=True)
+    return folder / name
+
+
 def _die_with_parent() -> None:
     """In the child, before exec: get SIGTERM if the test process dies without stopping us.
 

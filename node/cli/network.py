@@ -19,6 +19,8 @@ def send_command(
     to: Annotated[str, typer.Option("--to", help="The receiving C-STORE SCP as HOST:PORT.")],
     aet: Annotated[str, typer.Option("--aet", help="Called AE title (the receiver's).")] = "ANY-SCP",
     calling_aet: Annotated[str, typer.Option("--calling-aet", help="Our AE title.")] = "SEGNODE",
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait for each response, or "
+                                           "for a receiver that stops reading, before giving up.")] = 30.0,
 ) -> None:
     """Send DICOM files to a C-STORE SCP (this node, a PACS, Orthanc) and print the status counts."""
     from pynetdicom import _config as pynetdicom_config
@@ -34,7 +36,8 @@ def send_command(
     pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True  # send each file's bytes as they are
     try:
         with progress_bar(f"Sending to {to}") as update:
-            report = send(path, host, int(port), called_aet=aet, calling_aet=calling_aet, progress=update)
+            report = send(path, host, int(port), called_aet=aet, calling_aet=calling_aet, progress=update,
+                          dimse_timeout=timeout)
     except FileNotFoundError as exc:
         raise fail(str(exc), 2) from None
     for status, count in sorted(report.statuses.items()):

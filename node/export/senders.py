@@ -34,6 +34,7 @@ from urllib.parse import urlparse
 
 from node.config import Destination
 from node.http import http_session, session_for
+from node.scu import bound_socket_writes
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +334,7 @@ class CStoreSender:
         except Exception as exc:  # socket errors surface here on some platforms
             raise DeliveryError(f"cannot connect to {d.host}:{d.port}: {exc}") from None
         if assoc.is_established:
-            _bound_socket_writes(assoc, self.timeout)
+            bound_socket_writes(assoc, self.timeout)
             return assoc
         if assoc.is_rejected:
             raise DeliveryError(
@@ -425,20 +426,6 @@ class CStoreSender:
 
     def close(self) -> None:
         pass
-
-
-def _bound_socket_writes(assoc, timeout: float) -> None:
-    """Gives the association's socket a timeout, so a peer that stops reading fails the batch.
-
-    pynetdicom 3.0 clears the socket's timeout once connected, and its DUL thread writes PDUs with
-    ``socket.send``: when the peer stops reading (a stalled or suspended SCP, a full TCP window), that
-    thread blocks in ``send`` for ever, and so does the ``abort()`` that ``dimse_timeout`` triggers
-    (it waits for the DUL to stop). With a timeout the write fails after ``timeout`` seconds without
-    progress, pynetdicom takes it as the transport closing (Evt17), and the outbox retries the batch.
-    """
-    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
-    if sock is not None:
-        sock.settimeout(timeout)
 
 
 # --- a folder -------------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
 
+from node.scu import bound_socket_writes
+
 #: pynetdicom (and PS3.8) allow at most 128 presentation contexts per association.
 MAX_CONTEXTS = 128
 
@@ -141,7 +143,8 @@ def send(
     dimse_timeout: float = 30.0,
 ) -> SendReport:
     """Send every DICOM file under ``path`` in one association; count the statuses that come back.
-    ``dimse_timeout``: seconds to wait for each response before the association is aborted."""
+    ``dimse_timeout``: seconds to wait for each response, and for a peer that stops reading to take
+    more of a request, before the association is aborted."""
     items, not_dicom = collect(path)
     report = SendReport(not_dicom=not_dicom)
     if not items:
@@ -160,6 +163,7 @@ def send(
         rejected = assoc.is_rejected
         report.error = "association rejected" if rejected else "association failed (refused or aborted)"
         return report
+    bound_socket_writes(assoc, dimse_timeout)
     accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
     try:
         for done, item in enumerate(items, 1):
@@ -175,7 +179,9 @@ def send(
                     report.unsendable.append(item.name)
                     continue
                 if "Status" not in status:  # no response: the association went away
-                    report.error = "association aborted during transfer"
+                    report.error = (f"association aborted during transfer: no C-STORE response to file "
+                                    f"{done} of {len(items)}, or the peer took none of it for "
+                                    f"{dimse_timeout:g} s")
                     break
                 report.statuses[int(status.Status)] += 1
             if progress:

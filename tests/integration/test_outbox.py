@@ -25,7 +25,7 @@ from node.dicom.writer import SeriesInfo, write_series
 from node.export.outbox import Outbox
 from node.export.senders import make_sender
 from node.phantom import TINY, make_phantom
-from tests.servers import OrthancServer, ServerError, self_signed_cert
+from tests.servers import OrthancServer, ServerError, large_instance, self_signed_cert
 
 pytestmark = pytest.mark.integration
 
@@ -340,28 +340,6 @@ def test_stow_rs_over_https_verifies_the_certificate_as_configured(
     assert orthanc.sop_uids(seg_files.study, "SEG") == [seg_files.uid1]
 
 
-def _large_instance(folder: Path, megabytes: int) -> Path:
-    """A Secondary Capture of ``megabytes`` of pixel data: more than loopback's socket buffers hold, so
-    a peer that stops reading leaves the sender's writes blocked mid-request."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    side = int((megabytes * 1024 * 1024 / 2) ** 0.5)
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "OT"
-    ds.Rows = ds.Columns = side
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.PixelData = bytes(side * side * 2)
-    folder.mkdir(parents=True, exist_ok=True)
-    ds.save_as(folder / "large.dcm", enforce_file_format=True)
-    return folder / "large.dcm"
-
-
 def test_a_c_store_peer_that_stops_reading_mid_request_is_a_failed_attempt_retried(
     storescp, tmp_path: Path
 ) -> None:
@@ -374,7 +352,7 @@ def test_a_c_store_peer_that_stops_reading_mid_request_is_a_failed_attempt_retri
 
     from node.export.senders import CStoreSender
 
-    path = _large_instance(tmp_path / "results", 24)
+    path = large_instance(tmp_path / "results", 24)
     destination = Destination(
         name="scp", kind="cstore", host="127.0.0.1", port=storescp.port, ae_title=storescp.aet
     )

@@ -50,7 +50,8 @@ from node.ingest.scp import Listener, start_listener
 from node.ingest.send import handle_open
 from node.ingest.spool import Spool
 from tests.servers import (
-    HOST, ServerError, echoscu, free_port, port_is_open, require_program, self_signed_cert, storescu, wait_for,
+    HOST, ServerError, echoscu, free_port, large_instance, port_is_open, require_program, self_signed_cert,
+    storescu, wait_for,
 )
 from tests.unit.test_series import ramp_volume
 from tests.unit.test_spool import bare
@@ -279,6 +280,42 @@ def test_segnode_send_counts_statuses(listen, tmp_path: Path, monkeypatch) -> No
     assert [r.instance_count for r in events.wait(1)] == [4]
     refused = runner.invoke(app, ["send", str(tmp_path / "src"), "--to", f"{HOST}:{free_port()}"])
     assert refused.exit_code == 1 and "association failed" in refused.output
+
+
+def test_segnode_send_fails_within_its_timeout_when_the_receiver_stops_reading(
+    storescp, tmp_path: Path, monkeypatch
+) -> None:
+    """storescp is suspended (SIGSTOP) right after it accepts the association, with a 24 MB request to
+    come: ``segnode send --timeout 1.5`` fails with its error instead of blocking in a socket write for
+    ever (pynetdicom clears the socket's timeout after connect; :mod:`node.scu` sets it again)."""
+    import node.ingest.send as send_module
+
+    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", False)  # the command changes it
+    large_instance(tmp_path / "src", 24)
+    bound, suspended = send_module.bound_socket_writes, []
+
+    def bound_then_stop(assoc, timeout: float) -> None:
+        bound(assoc, timeout)
+        os.kill(storescp.pid, signal.SIGSTOP)
+        suspended.append(storescp.pid)
+
+    monkeypatch.setattr(send_module, "bound_socket_writes", bound_then_stop)
+    results = []
+    command = ["send", str(tmp_path / "src"), "--to", f"{HOST}:{storescp.port}", "--aet", storescp.aet,
+               "--timeout", "1.5"]
+    sending = threading.Thread(target=lambda: results.append(CliRunner().invoke(app, command)), daemon=True)
+    try:
+        sending.start()
+        sending.join(15)
+        assert not sending.is_alive(), "segnode send hangs on a receiver that stopped reading"
+    finally:
+        for pid in suspended:
+            os.kill(pid, signal.SIGCONT)
+    assert suspended == [storescp.pid]
+    result = results[0]
+    assert result.exit_code == 1, result.output
+    assert ("association aborted during transfer: no C-STORE response to file 1 of 1, or the peer took none "
+            "of it for 1.5 s") in " ".join(result.output.split())
 
 
 # --- crash safety -------------------------------------------------------------------------------------
