@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +38,7 @@ from node.classes import LabelClass, LabelVolume
 from node.dicom import contours
 from node.dicom.codes import segment_codes
 from node.dicom.derived import derived_header, derived_uid, source_header
-from node.errors import NodeError
+from node.errors import NodeError, options_from_mapping
 from node.volume import Volume
 
 if TYPE_CHECKING:
@@ -97,12 +97,7 @@ class RtStructOptions:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> RtStructOptions:
-        values = dict(values or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise RtStructError("bad_option", f"unknown RTSTRUCT option(s) {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        return options_from_mapping(cls, values, RtStructError, "RTSTRUCT")
 
 
 def interpreted_type(label_class: LabelClass, overrides: Mapping[str, str] | None = None) -> str:

@@ -51,7 +51,7 @@ import copy
 import io
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,7 @@ from node import __version__
 from node.classes import LabelClass, LabelVolume
 from node.dicom.codes import rgb_to_cielab, segment_codes
 from node.dicom.modules import MANUFACTURER, with_patient_study
-from node.errors import NodeError
+from node.errors import NodeError, options_from_mapping
 
 #: Private creator of the element that holds each segment's label id.
 PRIVATE_CREATOR = "segnode"
@@ -153,11 +153,7 @@ class SegOptions:
         values = dict(values or {})
         if "type" in values:
             values["segmentation_type"] = values.pop("type")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise SegError("bad_option", f"unknown SEG option(s) {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        return options_from_mapping(cls, values, SegError, "SEG")
 
 
 # --- where the source planes lie on the label grid -----------------------------------------------

@@ -16,7 +16,7 @@ qualitative evaluation. This is the form Imaging Data Commons uses for derived d
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +28,7 @@ from pydicom.sequence import Sequence
 from node import __version__
 from node.dicom.codes import segment_codes
 from node.dicom.derived import default_series_number, derived_uid
-from node.errors import NodeError
+from node.errors import NodeError, options_from_mapping
 
 if TYPE_CHECKING:
     from node.stages import PipelineContext
@@ -58,12 +58,7 @@ class SrOptions:
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any] | None) -> SrOptions:
-        values = dict(values or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise SrError("bad_option", f"unknown SR option(s) {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        return options_from_mapping(cls, values, SrError, "SR")
 
 
 def _code(code: Any) -> Any:
